@@ -1,0 +1,41 @@
+# Each target installs what it needs into .venv first, so a fresh clone needs only `make`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch 2.14.1 / torchvision 0.29.1 install from local disk on the development machines.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PIP := $(PY) -m pip --disable-pip-version-check --no-input
+# pip warns about every absent local index folder; keep the real messages visible.
+QUIET := 2>&1 | grep -v "^WARNING: Location" || true
+
+.PHONY: quickstart test test-fast bench lint format clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH_SPEC) $(QUIET)
+	$(PIP) install -q -e '.[test]' $(QUIET)
+	$(PY) -c "import ray, torch, timm, faiss, peft, fastapi"
+	touch $@
+
+quickstart: $(VENV)/.installed
+	$(VENV)/bin/repforge quickstart
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(VENV)/.installed
+	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf runs .pytest_cache

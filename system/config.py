@@ -1,0 +1,169 @@
+"""Typed job configuration: YAML preset + `--set dotted.key=value` overrides.
+
+Every field's description doubles as `--help` text. Configs are validated before any
+Ray work starts; a bad key or value raises ConfigError with one line naming the key.
+The validated config crosses into Ray workers as a plain dict (`cfg.model_dump()`)
+and is rebuilt there with `JobConfig.model_validate(d)`.
+
+    python -c "from system.config import load_config; print(load_config('configs/quickstart.yaml'))"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user error in a config: the message is one line that names the key."""
+
+
+class Section(BaseModel):
+    # extra="forbid" turns a typo in a key into an error instead of a silent default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    train: str | None = Field(None, description="training dataset URI: a folder or Parquet file(s)")
+    val: str | None = Field(None, description="validation dataset URI (labelled), or none")
+    image_size: int | None = Field(
+        None, ge=8, le=1024, description="input size in pixels; none = the timm model's default"
+    )
+    limit: int | None = Field(None, ge=1, description="use only the first N rows (smoke runs)")
+
+
+class ModelConfig(Section):
+    name: str = Field("resnet18", description="timm model name")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword args for timm.create_model")
+    init: str | None = Field(None, description="model artifact folder to start from, or none")
+    pretrained: bool = Field(False, description="load timm pretrained weights (downloads; off by default)")
+
+
+class ObjectiveConfig(Section):
+    name: str = Field("simclr", description="training objective: simclr | supervised")
+    temperature: float = Field(0.2, gt=0, description="NT-Xent temperature (simclr)")
+    proj_dim: int = Field(128, ge=1, description="projection head output size (simclr)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing (supervised)")
+
+
+class FinetuneConfig(Section):
+    method: str = Field("lora", description="adaptation method: lora | full | linear")
+    rank: int = Field(8, ge=1, le=1024, description="adapter rank (lora)")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; none = 2 x rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    target_modules: str | None = Field(
+        None, description="regex of module names to adapt; none = the model family's default"
+    )
+    head_lr_scale: float = Field(10.0, gt=0, description="learning-rate multiplier for the new head")
+
+
+class TrainConfig(Section):
+    workers: int = Field(2, ge=1, description="number of Ray Train workers")
+    batch_size: int = Field(64, ge=1, description="batch size per worker")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    epochs: int | None = Field(None, ge=1, description="passes over the training data")
+    lr: float = Field(1e-3, gt=0, le=10, description="peak learning rate")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps before cosine decay")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="data parallelism: ddp | fsdp")
+    use_gpu: bool | None = Field(None, description="one GPU per worker; none = when the cluster has GPUs")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
+    log_every: int = Field(10, ge=1, description="report metrics every N steps")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0 = at the end only)")
+
+    @model_validator(mode="after")
+    def _length_given(self):
+        if self.max_steps is None and self.epochs is None:
+            self.epochs = 1
+        return self
+
+
+class RunConfig(Section):
+    storage: str = Field("./runs", description="root URI for artifacts (a folder, or s3://...)")
+    name: str | None = Field(None, description="run name; none = job name + timestamp")
+
+
+class SweepConfig(Section):
+    num_samples: int = Field(4, ge=1, description="number of trials")
+    space: dict[str, Any] = Field(
+        default_factory=dict,
+        description="search space over dotted keys, e.g. {train.lr: {loguniform: [1e-4, 1e-2]}}",
+    )
+    metric: str = Field("val_acc", description="metric to optimise")
+    mode: Literal["max", "min"] = Field("max", description="maximise or minimise the metric")
+    max_concurrent: int | None = Field(None, ge=1, description="concurrent trials; none = from cluster CPUs")
+    grace_period: int = Field(1, ge=1, description="ASHA: reports before a trial may be stopped")
+
+
+class JobConfig(Section):
+    """One config for the training jobs (pretrain, finetune, sweep): they share keys."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    seed: int = Field(0, ge=0, description="random seed")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", 0.0003); values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{key}: {msg}"
+
+
+def build_config(tree: dict | None) -> JobConfig:
+    try:
+        return JobConfig.model_validate(tree or {})
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
+    """Read a YAML preset (or start from defaults), apply overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--config {path}: expected a mapping at the top level")
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(tree, key, value)
+    return build_config(tree)

@@ -1,0 +1,276 @@
+"""The dataset contract and everything that reads or writes it.
+
+A dataset is Parquet (one file or a folder of shards) with `id` (string, unique),
+`image` (encoded JPEG/PNG/WebP bytes), optional `label` (int) and any other columns as
+metadata; schema metadata `classes` = comma-separated class names.
+
+    repforge data ingest ./my_images --out ./datasets/mine
+    repforge data info ./datasets/mine
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from system import storage
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs well before they exhaust memory
+
+
+class DataError(ValueError):
+    """A user error about a dataset: the message is one line."""
+
+
+def dataset_schema(with_label: bool, classes: list[str] | None, extra: dict | None = None) -> pa.Schema:
+    fields = [pa.field("id", pa.string()), pa.field("image", pa.binary())]
+    if with_label:
+        fields.append(pa.field("label", pa.int16()))
+    metadata = {"classes": ",".join(classes or [])}
+    metadata.update(extra or {})
+    return pa.schema(fields, metadata=metadata)
+
+
+def check_image(data: bytes) -> str | None:
+    """None when `data` decodes as an image, otherwise the reason it does not."""
+    if not data:
+        return "empty file"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                return f"too many pixels ({width}x{height})"
+            img.load()  # a full decode: verify() misses truncated JPEG payloads
+    except Exception as err:  # PIL raises many types for bad files; each is a rejection
+        return f"not a readable image ({type(err).__name__}: {str(err)[:120]})"
+    return None
+
+
+def decode_image(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+# -- ingest ---------------------------------------------------------------------------
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _from_folder(src: Path) -> tuple[list[str] | None, Iterator[tuple[str, bytes, int | None]]]:
+    """ImageFolder (one subfolder per class) when every top-level entry is a folder, else flat."""
+    entries = [p for p in src.iterdir() if not p.name.startswith(".")]
+    class_dirs = sorted(p for p in entries if p.is_dir())
+    if class_dirs and len(class_dirs) == len(entries):
+        classes = [p.name for p in class_dirs]
+
+        def rows():
+            for label, folder in enumerate(class_dirs):
+                for path in _image_files(folder):
+                    yield str(path.relative_to(src)), path.read_bytes(), label
+
+        return classes, rows()
+
+    def flat_rows():
+        for path in _image_files(src):
+            yield str(path.relative_to(src)), path.read_bytes(), None
+
+    return None, flat_rows()
+
+
+def _from_parquet(src: str, image_col: str, label_col: str | None, id_col: str | None):
+    files = storage.parquet_files(src)
+    schema = pq.read_schema(files[0], filesystem=None if not storage.is_remote(src) else None)
+    names = schema.names
+    if image_col not in names:
+        raise DataError(f"--image-col: no column {image_col!r} in {src} (columns: {', '.join(names)})")
+    if label_col is None and "label" in names:
+        label_col = "label"
+    if label_col is not None and label_col not in names:
+        raise DataError(f"--label-col: no column {label_col!r} in {src}")
+    if id_col is None and "id" in names:
+        id_col = "id"
+    if id_col is not None and id_col not in names:
+        raise DataError(f"--id-col: no column {id_col!r} in {src}")
+    meta = schema.metadata or {}
+    classes = meta[b"classes"].decode().split(",") if meta.get(b"classes") else None
+    if classes == [""]:
+        classes = None
+    columns = [c for c in (id_col, image_col, label_col) if c]
+
+    def rows():
+        position = 0
+        for path in files:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=columns):
+                data = batch.to_pydict()
+                for i, image in enumerate(data[image_col]):
+                    row_id = str(data[id_col][i]) if id_col else f"{position:09d}"
+                    label = data[label_col][i] if label_col else None
+                    position += 1
+                    yield row_id, image, None if label is None else int(label)
+
+    return classes, rows(), label_col is not None
+
+
+def ingest(
+    src: str,
+    out: str,
+    image_col: str = "image",
+    label_col: str | None = None,
+    id_col: str | None = None,
+    shard_rows: int = 10_000,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write `src` as canonical sharded Parquet under `out`; returns a summary dict.
+
+    Streaming: rows are read one at a time and flushed every `shard_rows`, so memory
+    is bounded by one shard (plus the set of ids, needed to refuse duplicates).
+    """
+    if shard_rows < 1:
+        raise DataError("--shard-rows: must be at least 1")
+    if storage.is_remote(src) or str(src).endswith(".parquet") or (
+        Path(src).is_dir() and any(Path(src).glob("*.parquet"))
+    ):
+        classes, rows, with_label = _from_parquet(src, image_col, label_col, id_col)
+    elif Path(src).is_dir():
+        classes, rows = _from_folder(Path(src))
+        with_label = classes is not None
+    else:
+        raise DataError(f"no such source: {src} (expected an image folder or Parquet)")
+
+    schema = dataset_schema(with_label, classes, {"source": str(src)})
+    seen: set[str] = set()
+    buffer: dict[str, list] = {name: [] for name in schema.names}
+    counts = {"rows": 0, "rejected": 0, "shards": 0}
+    with storage.publish_dir(out, overwrite=overwrite) as staging:
+        rejected = open(staging / "_rejected.jsonl", "w")
+
+        def flush():
+            if not buffer["id"]:
+                return
+            table = pa.table(buffer, schema=schema)
+            pq.write_table(table, staging / f"part-{counts['shards']:05d}.parquet")
+            counts["shards"] += 1
+            for values in buffer.values():
+                values.clear()
+
+        for row_id, image, label in tqdm(rows, desc="ingest", unit="img", disable=not progress):
+            if row_id in seen:
+                raise DataError(f"duplicate id {row_id!r} in {src}")
+            seen.add(row_id)
+            reason = check_image(image)
+            if reason is not None:
+                rejected.write(json.dumps({"id": row_id, "reason": reason}) + "\n")
+                counts["rejected"] += 1
+                continue
+            buffer["id"].append(row_id)
+            buffer["image"].append(image)
+            if with_label:
+                buffer["label"].append(label)
+            counts["rows"] += 1
+            if len(buffer["id"]) >= shard_rows:
+                flush()
+        flush()
+        rejected.close()
+        if counts["rows"] == 0:
+            raise DataError(f"no readable images in {src}")
+    return {**counts, "classes": classes or [], "out": storage.normalize(out)}
+
+
+# -- reading --------------------------------------------------------------------------
+
+
+def read_classes(uri: str) -> list[str]:
+    meta = pq.read_schema(storage.parquet_files(uri)[0]).metadata or {}
+    text = meta.get(b"classes", b"").decode()
+    return text.split(",") if text else []
+
+
+def info(uri: str, sample: int = 200) -> dict:
+    """Rows, classes with counts, a sample of image sizes and bytes on disk."""
+    files = storage.parquet_files(uri)
+    classes = read_classes(uri)
+    rows, nbytes, label_counts, sizes = 0, 0, Counter(), Counter()
+    for path in files:
+        parquet = pq.ParquetFile(path)
+        rows += parquet.metadata.num_rows
+        nbytes += os.path.getsize(path) if not storage.is_remote(path) else 0
+        if "label" in parquet.schema_arrow.names:
+            labels = parquet.read(columns=["label"]).column("label").to_numpy(zero_copy_only=False)
+            label_counts.update(labels.tolist())
+    first = pq.ParquetFile(files[0])
+    for batch in first.iter_batches(batch_size=sample, columns=["image"]):
+        for data in batch.column("image").to_pylist():
+            with Image.open(io.BytesIO(data)) as img:
+                sizes[f"{img.size[0]}x{img.size[1]}"] += 1
+        break
+    per_class = {
+        (classes[k] if k < len(classes) else str(k)): int(v) for k, v in sorted(label_counts.items())
+    }
+    return {
+        "uri": storage.normalize(uri),
+        "files": len(files),
+        "rows": rows,
+        "bytes": nbytes,
+        "classes": per_class,
+        "image_sizes_sample": dict(sizes.most_common(5)),
+    }
+
+
+def read_dataset(uri: str, limit: int | None = None, columns: list[str] | None = None):
+    """A lazy Ray Dataset over the Parquet shards of `uri`."""
+    import ray.data
+
+    ds = ray.data.read_parquet(storage.parquet_files(uri), columns=columns)
+    return ds.limit(limit) if limit else ds
+
+
+def count_rows(uri: str, limit: int | None = None) -> int:
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in storage.parquet_files(uri))
+    return min(rows, limit) if limit else rows
+
+
+# -- bundled quickstart data ------------------------------------------------------------
+
+
+def digits_dataset(out: str, test_share: float = 0.2, seed: int = 0) -> tuple[str, str]:
+    """scikit-learn's digits (1,797 real 8x8 handwritten digits) as canonical Parquet.
+
+    Returns (train_uri, test_uri); written once, reused on later calls.
+    """
+    train_uri, test_uri = storage.join(out, "train"), storage.join(out, "test")
+    if storage.exists(train_uri) and storage.exists(test_uri):
+        return train_uri, test_uri
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.target))
+    n_test = int(len(order) * test_share)
+    classes = [str(c) for c in digits.target_names]
+    for uri, idx in ((test_uri, order[:n_test]), (train_uri, order[n_test:])):
+        ids, images, labels = [], [], []
+        for i in sorted(idx):
+            pixels = (digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+            ids.append(f"digits/{i:04d}")
+            images.append(buf.getvalue())
+            labels.append(int(digits.target[i]))
+        schema = dataset_schema(True, classes, {"source": "sklearn.datasets.load_digits"})
+        with storage.publish_dir(uri, overwrite=True) as staging:
+            table = pa.table({"id": ids, "image": images, "label": labels}, schema=schema)
+            pq.write_table(table, staging / "part-00000.parquet")
+    return train_uri, test_uri

@@ -1,0 +1,120 @@
+"""timm backbones and the model artifact.
+
+A model artifact is a folder with `model.safetensors` and `model.json`: the timm name
+and kwargs, embedding dim, Matryoshka dims, preprocessing, whether embeddings are
+L2-normalised, training config, metrics, the class names of an optional linear head,
+and a fingerprint (hash of the weights file) that later stages check against.
+
+    python -c "from system.models import load_artifact; m, meta = load_artifact('runs/x/model')"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from system import storage
+
+WEIGHTS = "model.safetensors"
+META = "model.json"
+
+
+class ModelError(ValueError):
+    """A user error about a model name, kwargs or artifact: the message is one line."""
+
+
+def create_backbone(name: str, kwargs: dict | None = None, pretrained: bool = False) -> nn.Module:
+    """A timm model that returns pooled features (num_classes=0)."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ModelError(f"model.name: unknown timm model {name!r}")
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **(kwargs or {}))
+    except TypeError as err:
+        raise ModelError(f"model.kwargs: {err}") from None
+
+
+class Embedder(nn.Module):
+    """A backbone plus an optional linear classification head on the pooled embedding."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int = 0, normalize: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.normalize = normalize
+        self.head = nn.Linear(backbone.num_features, num_classes) if num_classes else None
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.num_features
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(images)
+        return nn.functional.normalize(features, dim=-1) if self.normalize else features
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise ModelError("this model artifact has no classification head")
+        return self.head(self.backbone(images))
+
+
+def fingerprint_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def write_artifact(folder: Path, model: Embedder, meta: dict) -> dict:
+    """Write weights + model.json into an existing local folder; returns the full meta."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS))
+    meta = {
+        **meta,
+        "embedding_dim": model.dim,
+        "normalize": model.normalize,
+        "num_classes": model.head.out_features if model.head is not None else 0,
+        "fingerprint": fingerprint_file(folder / WEIGHTS),
+    }
+    (folder / META).write_text(json.dumps(meta, indent=2, default=str))
+    return meta
+
+
+def read_meta(uri: str) -> dict:
+    folder = storage.download_dir(uri)
+    path = folder / META
+    if not path.is_file():
+        raise ModelError(f"not a model artifact (no {META}): {uri}")
+    return json.loads(path.read_text())
+
+
+def load_artifact(uri: str, device: str | torch.device = "cpu") -> tuple[Embedder, dict]:
+    """Rebuild the Embedder from an artifact folder (no weight download: timm pretrained=False)."""
+    folder = storage.download_dir(uri)
+    meta = read_meta(str(folder))
+    backbone = create_backbone(meta["timm_name"], meta.get("timm_kwargs", {}))
+    model = Embedder(backbone, meta.get("num_classes", 0), meta.get("normalize", True))
+    model.load_state_dict(load_file(str(folder / WEIGHTS)))
+    return model.to(device).eval(), meta
+
+
+def load_backbone_weights(backbone: nn.Module, uri: str) -> dict:
+    """Initialise `backbone` from an artifact's backbone weights (model.init); returns its meta."""
+    folder = storage.download_dir(uri)
+    meta = read_meta(str(folder))
+    state = load_file(str(folder / WEIGHTS))
+    prefix = "backbone."
+    backbone.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return meta
+
+
+def save_model(uri: str, model: Embedder, meta: dict, overwrite: bool = False) -> dict:
+    """Publish a model artifact at `uri` atomically; `meta` needs timm_name, timm_kwargs, preprocessing."""
+    with storage.publish_dir(uri, overwrite=overwrite) as staging:
+        return write_artifact(staging, model, meta)

@@ -1,0 +1,124 @@
+"""Storage URIs: a local folder by default, any pyarrow filesystem (s3://, gs://, ...) on a cluster.
+
+Artifacts are written to a local temporary folder and published whole: renamed into
+place on a local filesystem (atomic), uploaded and then marked complete elsewhere. A
+crash mid-write never leaves a half artifact at the destination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+class StorageError(ValueError):
+    """A user error about a storage location (missing input, existing output)."""
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def local_path(uri: str) -> Path:
+    return Path(str(uri).removeprefix("file://")).expanduser().resolve()
+
+
+def normalize(uri: str | os.PathLike) -> str:
+    """An absolute local path or a remote URI; Ray workers on other nodes need absolute names."""
+    uri = str(uri)
+    return uri if is_remote(uri) else str(local_path(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([str(uri).rstrip("/"), *parts])
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if is_remote(uri):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(local_path(uri))
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def parquet_files(uri: str) -> list[str]:
+    """The Parquet files of a dataset URI (a file, or a folder searched recursively), sorted."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"no such dataset: {uri}")
+    if info.type == pafs.FileType.File:
+        files = [path]
+    else:
+        selector = pafs.FileSelector(path, recursive=True)
+        files = sorted(
+            f.path
+            for f in fs.get_file_info(selector)
+            if f.type == pafs.FileType.File and f.path.endswith(".parquet") and "/_" not in f.path
+        )
+    if not files:
+        raise StorageError(f"no Parquet files in {uri}")
+    if is_remote(uri):
+        scheme = uri.split("://", 1)[0]
+        files = [f"{scheme}://{f}" for f in files]
+    return files
+
+
+@contextlib.contextmanager
+def publish_dir(dest: str, overwrite: bool = False):
+    """Yield a local temporary folder; on success it becomes `dest`, on error it is removed."""
+    dest = normalize(dest)
+    if exists(dest) and not overwrite:
+        raise StorageError(f"output exists: {dest} (pass --overwrite to replace it)")
+    if is_remote(dest):
+        staging = Path(tempfile.mkdtemp(prefix="repforge-"))
+    else:
+        parent = local_path(dest).parent
+        parent.mkdir(parents=True, exist_ok=True)
+        # Beside the destination, so the final rename stays on one filesystem (atomic).
+        staging = parent / f".{local_path(dest).name}.tmp-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if is_remote(dest):
+        fs, path = filesystem(dest)
+        if overwrite and exists(dest):
+            fs.delete_dir(path)
+        pafs.copy_files(str(staging), path, destination_filesystem=fs)
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        target = local_path(dest)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            target.rename(old)
+        staging.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def download_dir(uri: str) -> Path:
+    """A local folder holding the artifact at `uri` (itself when local)."""
+    if not is_remote(uri):
+        path = local_path(uri)
+        if not path.exists():
+            raise StorageError(f"no such artifact: {uri}")
+        return path
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise StorageError(f"no such artifact: {uri}")
+    local = Path(tempfile.mkdtemp(prefix="repforge-dl-"))
+    pafs.copy_files(path, str(local), source_filesystem=fs)
+    return local

@@ -1,0 +1,85 @@
+"""Image batches -> tensors: the eval transform comes from timm, the SSL views from torchvision.
+
+Used by Ray Data `map_batches` (training input and batch inference) and by the Serve
+embedder, so the same bytes give the same tensor everywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from timm.data import create_transform
+from torchvision.transforms import v2
+
+from system.data import decode_image
+
+
+def preprocessing_config(model: torch.nn.Module, image_size: int | None = None) -> dict:
+    """The model's preprocessing as a plain dict, from timm's data config.
+
+    An explicit `image_size` (small images such as CIFAR-10 or digits) also drops the
+    centre crop: cropping a 32x32 image loses too much of it.
+    """
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    size = int(image_size or cfg["input_size"][-1])
+    return {
+        "size": size,
+        "mean": [float(x) for x in cfg["mean"]],
+        "std": [float(x) for x in cfg["std"]],
+        "interpolation": cfg["interpolation"],
+        "crop_pct": 1.0 if image_size else float(cfg.get("crop_pct", 1.0)),
+    }
+
+
+def eval_transform(pre: dict):
+    return create_transform(
+        input_size=(3, pre["size"], pre["size"]),
+        is_training=False,
+        mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]),
+        interpolation=pre["interpolation"],
+        crop_pct=pre["crop_pct"],
+    )
+
+
+def ssl_view_transform(pre: dict):
+    """SimCLR-style augmentation, scaled down for small images (no blur below 64 px)."""
+    steps = [
+        v2.RandomResizedCrop(pre["size"], scale=(0.3, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+    ]
+    if pre["size"] >= 64:
+        steps.append(v2.RandomApply([v2.GaussianBlur(9)], p=0.5))
+    steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre["mean"], pre["std"])]
+    return v2.Compose(steps)
+
+
+def images_to_tensor(images, transform) -> np.ndarray:
+    """Encoded image bytes -> float32 array [N, 3, H, W]."""
+    return np.stack([transform(decode_image(data)).numpy() for data in images]).astype(np.float32)
+
+
+class BatchPreprocessor:
+    """Callable for Ray Data `map_batches`: decodes and transforms a batch of rows.
+
+    mode "eval" -> column `image`; mode "ssl" -> two augmented views `view1`, `view2`.
+    Other columns listed in `keep` pass through unchanged.
+    """
+
+    def __init__(self, pre: dict, mode: str = "eval", keep: tuple[str, ...] = ("label",)):
+        self.mode = mode
+        self.keep = keep
+        self.transform = ssl_view_transform(pre) if mode == "ssl" else eval_transform(pre)
+
+    def __call__(self, batch: dict) -> dict:
+        out = {k: batch[k] for k in self.keep if k in batch}
+        if self.mode == "ssl":
+            out["view1"] = images_to_tensor(batch["image"], self.transform)
+            out["view2"] = images_to_tensor(batch["image"], self.transform)
+        else:
+            out["image"] = images_to_tensor(batch["image"], self.transform)
+        return out

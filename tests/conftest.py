@@ -1,0 +1,54 @@
+"""Shared fixtures: one real local Ray instance per test session, and real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10"
+
+# Ray workers inherit this: keep thread pools small on a 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance with 2 CPUs, shared by every test that needs Ray."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> Path:
+    if not (SHARED_CIFAR10 / "test.parquet").is_file():
+        pytest.skip(f"real CIFAR-10 not present at {SHARED_CIFAR10} (../shared is only on dev/CI machines)")
+    return SHARED_CIFAR10
+
+
+@pytest.fixture(scope="session")
+def digits_data(tmp_path_factory) -> tuple[str, str]:
+    """scikit-learn's real digits as canonical Parquet: (train_uri, test_uri)."""
+    from system.data import digits_dataset
+
+    return digits_dataset(str(tmp_path_factory.mktemp("digits")))
