@@ -10,8 +10,9 @@ and is rebuilt there with `JobConfig.model_validate(d)`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,6 +20,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 class ConfigError(ValueError):
     """A user error in a config: the message is one line that names the key."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads `3e-4` as a float: PyYAML (YAML 1.1) wants a dot and keeps a string."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 class Section(BaseModel):
@@ -72,7 +88,9 @@ class TrainConfig(Section):
     use_gpu: bool | None = Field(None, description="one GPU per worker; none = when the cluster has GPUs")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
     log_every: int = Field(10, ge=1, description="report metrics every N steps")
+    eval_every: int = Field(0, ge=0, description="evaluate and report every N steps (0 = at the end only)")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0 = at the end only)")
+    max_failures: int = Field(0, ge=0, description="restarts from the last checkpoint after a worker dies")
 
     @model_validator(mode="after")
     def _length_given(self):
@@ -116,28 +134,42 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected dotted.key=value")
     key, raw = text.split("=", 1)
+    key = key.strip()
+    if not all(key.split(".")):
+        raise ConfigError(f"--set {text!r}: empty key or key part in {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = _load_yaml(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key, value
 
 
 def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set `key` in `tree`. Below a free-form mapping field (model.kwargs, sweep.space) the
+    rest of the key is one key, so `sweep.space.train.lr=...` sets the search-space key `train.lr`."""
     parts = key.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
+    node, section = tree, JobConfig
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:  # absent, or an empty `section:` in the YAML file
+            child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"{key}: {part} is not a section")
         node = child
+        field = section.model_fields.get(part) if section is not None else None
+        annotation = field.annotation if field is not None else None
+        if get_origin(annotation) is dict:
+            node[".".join(parts[i + 1 :])] = value
+            return
+        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        section = annotation if is_section else None
     node[parts[-1]] = value
 
 
 def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "config"
-    msg = first["msg"]
+    msg = " ".join(first["msg"].split())  # one line, whatever pydantic puts in it
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     return f"{key}: {msg}"
@@ -158,8 +190,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Jo
         if not path.is_file():
             raise ConfigError(f"--config: no such file: {path}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
+            tree = _load_yaml(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"--config {path}: expected a mapping at the top level")

@@ -66,33 +66,43 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    # Hidden files and everything under hidden folders (.ipynb_checkpoints, .git, a staging
+    # folder of ours) are not data.
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def _from_folder(src: Path) -> tuple[list[str] | None, Iterator[tuple[str, bytes, int | None]]]:
-    """ImageFolder (one subfolder per class) when every top-level entry is a folder, else flat."""
+    """ImageFolder (one subfolder per class) when the top level has folders and no images, else flat.
+
+    Top-level files that are not images (a README, a licence) do not turn an ImageFolder flat.
+    """
     entries = [p for p in src.iterdir() if not p.name.startswith(".")]
     class_dirs = sorted(p for p in entries if p.is_dir())
-    if class_dirs and len(class_dirs) == len(entries):
+    loose_images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if class_dirs and not loose_images:
         classes = [p.name for p in class_dirs]
 
         def rows():
             for label, folder in enumerate(class_dirs):
                 for path in _image_files(folder):
-                    yield str(path.relative_to(src)), path.read_bytes(), label
+                    yield path.relative_to(src).as_posix(), path.read_bytes(), label
 
         return classes, rows()
 
     def flat_rows():
         for path in _image_files(src):
-            yield str(path.relative_to(src)), path.read_bytes(), None
+            yield path.relative_to(src).as_posix(), path.read_bytes(), None
 
     return None, flat_rows()
 
 
 def _from_parquet(src: str, image_col: str, label_col: str | None, id_col: str | None):
     files = storage.parquet_files(src)
-    schema = pq.read_schema(files[0], filesystem=None if not storage.is_remote(src) else None)
+    schema = pq.read_schema(files[0])
     names = schema.names
     if image_col not in names:
         raise DataError(f"--image-col: no column {image_col!r} in {src} (columns: {', '.join(names)})")
@@ -100,6 +110,11 @@ def _from_parquet(src: str, image_col: str, label_col: str | None, id_col: str |
         label_col = "label"
     if label_col is not None and label_col not in names:
         raise DataError(f"--label-col: no column {label_col!r} in {src}")
+    if label_col is not None and not pa.types.is_integer(schema.field(label_col).type):
+        raise DataError(
+            f"--label-col: column {label_col!r} in {src} must hold integer class indices,"
+            f" not {schema.field(label_col).type}"
+        )
     if id_col is None and "id" in names:
         id_col = "id"
     if id_col is not None and id_col not in names:
@@ -116,6 +131,8 @@ def _from_parquet(src: str, image_col: str, label_col: str | None, id_col: str |
             for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=columns):
                 data = batch.to_pydict()
                 for i, image in enumerate(data[image_col]):
+                    if isinstance(image, dict):  # Hugging Face datasets: struct<bytes, path>
+                        image = image.get("bytes")
                     row_id = str(data[id_col][i]) if id_col else f"{position:09d}"
                     label = data[label_col][i] if label_col else None
                     position += 1
@@ -141,22 +158,29 @@ def ingest(
     """
     if shard_rows < 1:
         raise DataError("--shard-rows: must be at least 1")
-    if storage.is_remote(src) or str(src).endswith(".parquet") or (
-        Path(src).is_dir() and any(Path(src).glob("*.parquet"))
+    if not storage.is_remote(src) and not Path(src).exists():
+        raise DataError(f"no such source: {src} (expected an image folder or Parquet)")
+    if (
+        storage.is_remote(src)
+        or str(src).endswith(".parquet")
+        or (Path(src).is_dir() and any(Path(src).glob("*.parquet")))
     ):
         classes, rows, with_label = _from_parquet(src, image_col, label_col, id_col)
     elif Path(src).is_dir():
         classes, rows = _from_folder(Path(src))
         with_label = classes is not None
     else:
-        raise DataError(f"no such source: {src} (expected an image folder or Parquet)")
+        raise DataError(f"not an image folder or Parquet: {src}")
 
     schema = dataset_schema(with_label, classes, {"source": str(src)})
     seen: set[str] = set()
     buffer: dict[str, list] = {name: [] for name in schema.names}
     counts = {"rows": 0, "rejected": 0, "shards": 0}
-    with storage.publish_dir(out, overwrite=overwrite) as staging:
-        rejected = open(staging / "_rejected.jsonl", "w")
+    first_reason = None
+    with (
+        storage.publish_dir(out, overwrite=overwrite) as staging,
+        open(staging / "_rejected.jsonl", "w") as rejected,
+    ):
 
         def flush():
             if not buffer["id"]:
@@ -175,6 +199,7 @@ def ingest(
             if reason is not None:
                 rejected.write(json.dumps({"id": row_id, "reason": reason}) + "\n")
                 counts["rejected"] += 1
+                first_reason = first_reason or f"{row_id}: {reason}"
                 continue
             buffer["id"].append(row_id)
             buffer["image"].append(image)
@@ -184,9 +209,10 @@ def ingest(
             if len(buffer["id"]) >= shard_rows:
                 flush()
         flush()
-        rejected.close()
         if counts["rows"] == 0:
-            raise DataError(f"no readable images in {src}")
+            # The staging folder (and its _rejected.jsonl) is dropped: say why here.
+            detail = f"{counts['rejected']} rejected, first {first_reason}" if first_reason else "empty"
+            raise DataError(f"no readable images in {src} ({detail})")
     return {**counts, "classes": classes or [], "out": storage.normalize(out)}
 
 

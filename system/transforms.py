@@ -6,6 +6,9 @@ embedder, so the same bytes give the same tensor everywhere.
 
 from __future__ import annotations
 
+import functools
+import json
+
 import numpy as np
 import torch
 from timm.data import create_transform
@@ -63,23 +66,23 @@ def images_to_tensor(images, transform) -> np.ndarray:
     return np.stack([transform(decode_image(data)).numpy() for data in images]).astype(np.float32)
 
 
-class BatchPreprocessor:
-    """Callable for Ray Data `map_batches`: decodes and transforms a batch of rows.
+@functools.lru_cache(maxsize=8)
+def _cached_transform(pre_json: str, mode: str):
+    pre = json.loads(pre_json)
+    return ssl_view_transform(pre) if mode == "ssl" else eval_transform(pre)
+
+
+def preprocess_batch(batch: dict, pre: dict, mode: str = "eval", keep: tuple[str, ...] = ("label",)) -> dict:
+    """For Ray Data `map_batches` (as tasks): decode and transform a batch of rows.
 
     mode "eval" -> column `image`; mode "ssl" -> two augmented views `view1`, `view2`.
-    Other columns listed in `keep` pass through unchanged.
+    Columns listed in `keep` pass through unchanged.
     """
-
-    def __init__(self, pre: dict, mode: str = "eval", keep: tuple[str, ...] = ("label",)):
-        self.mode = mode
-        self.keep = keep
-        self.transform = ssl_view_transform(pre) if mode == "ssl" else eval_transform(pre)
-
-    def __call__(self, batch: dict) -> dict:
-        out = {k: batch[k] for k in self.keep if k in batch}
-        if self.mode == "ssl":
-            out["view1"] = images_to_tensor(batch["image"], self.transform)
-            out["view2"] = images_to_tensor(batch["image"], self.transform)
-        else:
-            out["image"] = images_to_tensor(batch["image"], self.transform)
-        return out
+    transform = _cached_transform(json.dumps(pre, sort_keys=True), mode)
+    out = {k: batch[k] for k in keep if k in batch}
+    if mode == "ssl":
+        out["view1"] = images_to_tensor(batch["image"], transform)
+        out["view2"] = images_to_tensor(batch["image"], transform)
+    else:
+        out["image"] = images_to_tensor(batch["image"], transform)
+    return out

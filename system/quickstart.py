@@ -1,0 +1,144 @@
+"""`repforge quickstart`: every stage, for real, on scikit-learn's bundled digits.
+
+ingest -> pretrain (SimCLR) -> finetune (LoRA) -> 2-trial sweep -> embed -> index ->
+serve, one real HTTP request per endpoint, a summary table, then the app is shut down
+(`--keep-serving` leaves it up). Runs in a few minutes on 2 CPU cores; writes under
+`{storage}/quickstart/` (deploy.yaml points at the default `runs/quickstart/`).
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import time
+from pathlib import Path
+
+from system import storage
+from system.config import load_config
+
+PRESET = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+def _stage(name: str) -> None:
+    print(f"\n=== {name} ===", flush=True)
+
+
+def _request(client, method: str, path: str, **kwargs) -> tuple[dict, float]:
+    start = time.perf_counter()
+    response = client.request(method, path, **kwargs)
+    elapsed_ms = 1000 * (time.perf_counter() - start)
+    response.raise_for_status()
+    return response.json(), elapsed_ms
+
+
+def probe_endpoints(url: str, image: bytes, query_id: str) -> dict[str, float]:
+    """One real request per endpoint; returns latency in ms per endpoint (raises on any error)."""
+    import httpx
+
+    latencies = {}
+    payload = {"images": [base64.b64encode(image).decode()]}
+    with httpx.Client(base_url=url, timeout=60.0) as client:
+        _, latencies["GET /v1/health"] = _request(client, "GET", "/v1/health")
+        body, latencies["POST /v1/embed"] = _request(client, "POST", "/v1/embed", json=payload)
+        assert len(body["embeddings"]) == 1
+        body, latencies["POST /v1/classify"] = _request(client, "POST", "/v1/classify?k=3", json=payload)
+        assert len(body["predictions"][0]) == 3
+        body, latencies["POST /v1/search"] = _request(client, "POST", "/v1/search?k=5", json=payload)
+        assert len(body["results"][0]) == 5
+        body, _ = _request(client, "POST", "/v1/search?k=1", json={"ids": [query_id]})
+        assert body["results"][0][0]["id"] == query_id
+    return latencies
+
+
+def print_summary(rows: list[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    print("\n" + "-" * (width + 24))
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print("-" * (width + 24), flush=True)
+
+
+def run_quickstart(storage_root: str = "runs", port: int = 8000, keep_serving: bool = False,
+                   overrides: list[str] = ()) -> str:
+    import pyarrow.parquet as pq
+    import ray
+
+    from serve.app import start_app, stop_app
+    from system.data import digits_dataset
+    from system.embed import run_embed
+    from system.index import build_index, evaluate_index
+    from system.models import read_meta
+    from system.train import run_training
+    from tune.sweep import run_sweep
+
+    started = time.perf_counter()
+    root = storage.normalize(storage_root)
+    base = storage.join(root, "quickstart")
+    common = [f"run.storage={root}", *overrides]
+    load_config(PRESET, common)  # a bad --set fails here, before anything runs
+    # A fresh run each time: Ray Train would otherwise resume the previous quickstart's runs.
+    for stale in (storage.join(root, "_ray", "quickstart"), base):
+        shutil.rmtree(storage.local_path(stale), ignore_errors=True)
+
+    _stage("data: scikit-learn digits -> canonical Parquet")
+    train_uri, test_uri = digits_dataset(storage.join(root, "datasets", "digits"))
+    data = [f"data.train={train_uri}", f"data.val={test_uri}"]
+    ray.init(ignore_reinit_error=True)
+
+    _stage("pretrain: SimCLR, 2 workers, DDP")
+    pretrained = run_training(load_config(PRESET, [*data, *common, "run.name=quickstart/pretrain"]), "pretrain")
+
+    _stage("finetune: LoRA + linear head")
+    ft = [*data, *common, f"model.init={pretrained['model']}", "objective.name=supervised"]
+    finetuned = run_training(load_config(PRESET, [*ft, "run.name=quickstart/finetune"]), "finetune")
+
+    _stage("sweep: 2 trials, ASHA over lr and LoRA rank")
+    sweep_uri = run_sweep(load_config(PRESET, [*ft, "run.name=quickstart/sweep"]), job="finetune")
+
+    _stage("embed: Ray Data actor pool")
+    model_uri = finetuned["model"]
+    embeddings = run_embed(model_uri, train_uri, storage.join(base, "embeddings"), overwrite=True)
+
+    _stage("index: exact FAISS")
+    index_uri = storage.join(base, "index")
+    build_index(embeddings, index_uri, overwrite=True, progress=False)
+    evaluation = evaluate_index(index_uri, k=10)
+
+    _stage("serve: Ray Serve on 127.0.0.1")
+    first = pq.read_table(storage.parquet_files(test_uri)[0], columns=["id", "image"]).slice(0, 1).to_pylist()[0]
+    indexed = pq.read_table(storage.parquet_files(train_uri)[0], columns=["id"]).column("id")[0].as_py()
+    url = start_app({"model": model_uri, "index": index_uri}, port=port)
+    try:
+        latencies = probe_endpoints(url, first["image"], indexed)
+    finally:
+        if not keep_serving:
+            stop_app()
+
+    metrics = read_meta(model_uri)["metrics"]
+    rows = [
+        ("fine-tuned accuracy (held-out digits)", f"{metrics['val_acc']:.3f}"),
+        ("trainable parameters (LoRA + head)", f"{metrics['trainable_params']:,} of {metrics['total_params']:,}"),
+        ("index recall@10 vs exact", f"{evaluation['recall@10']:.3f}"),
+        ("index queries/s (batch 1)", f"{evaluation['qps_batch1']:,.0f}"),
+        *[(f"latency {name}", f"{ms:.1f} ms") for name, ms in latencies.items()],
+        ("sweep leaderboard", storage.join(sweep_uri, "leaderboard.csv")),
+        ("total time", f"{time.perf_counter() - started:.0f} s"),
+    ]
+    print_summary(rows)
+    if keep_serving:
+        print(f"\nThe app is still up at {url} (OpenAPI: {url}/docs). Try:\n"
+              f"  curl {url}/v1/health\n"
+              f"  curl -F image=@some.png '{url}/v1/classify?k=3'\n"
+              f"  curl -H 'content-type: application/json' -d '{{\"ids\": [\"{indexed}\"]}}' '{url}/v1/search?k=5'\n"
+              "Press Ctrl-C to stop.", flush=True)
+        _wait_for_interrupt()
+        stop_app()
+    return base
+
+
+def _wait_for_interrupt() -> None:
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass

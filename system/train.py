@@ -1,0 +1,368 @@
+"""Pretraining and fine-tuning under Ray Train (TorchTrainer, DDP over gloo or NCCL).
+
+    repforge pretrain --config configs/quickstart.yaml
+    repforge finetune --config configs/quickstart.yaml --set model.init=runs/qs/pretrain/model
+
+The driver validates the config, builds the Ray Data input pipeline and launches one
+TorchTrainer; `train_loop_per_worker` runs on every worker; the final checkpoint holds
+the finished artifacts (model, and for fine-tuning the adapter), which the driver
+publishes under `{run.storage}/{run.name}/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train.v2.api.callback import UserCallback
+from torch import nn
+
+from system import storage
+from system.adapters import count_parameters, get_adapter
+from system.config import JobConfig
+from system.data import count_rows, read_classes, read_dataset
+from system.metrics import knn_accuracy, rankme
+from system.models import Embedder, create_backbone, load_backbone_weights, read_meta, write_artifact
+from system.objectives import get_objective
+from system.transforms import preprocess_batch, preprocessing_config
+
+STATE = "state.pt"
+
+
+class TrainModule(nn.Module):
+    """Backbone + objective as one module, so DDP sees (and syncs) every trainable weight."""
+
+    def __init__(self, backbone: nn.Module, objective: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.objective = objective
+
+    def forward(self, batch: dict):
+        return self.objective(self.backbone, batch)
+
+
+def build_model(cfg: JobConfig, job: str, num_classes: int) -> TrainModule:
+    backbone = create_backbone(cfg.model.name, cfg.model.kwargs, cfg.model.pretrained)
+    if cfg.model.init:
+        load_backbone_weights(backbone, cfg.model.init)
+    if job == "finetune":
+        backbone = get_adapter(cfg.finetune.method).apply(backbone, cfg.finetune)
+        objective = get_objective("supervised")(backbone.num_features, cfg.objective, num_classes)
+    else:
+        objective = get_objective(cfg.objective.name)(backbone.num_features, cfg.objective, num_classes)
+    return TrainModule(backbone, objective)
+
+
+def build_optimizer(module: TrainModule, cfg: JobConfig, job: str) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms and biases; the fresh head of a fine-tune gets a larger lr."""
+    head_scale = cfg.finetune.head_lr_scale if job == "finetune" else 1.0
+    groups: dict[tuple[float, float], list] = {}
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = 0.0 if param.ndim <= 1 else cfg.train.weight_decay
+        lr = cfg.train.lr * (head_scale if name.startswith("objective.") else 1.0)
+        groups.setdefault((lr, decay), []).append(param)
+    return torch.optim.AdamW([{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()])
+
+
+def cosine_with_warmup(optimizer, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def evaluate(module: TrainModule, val_shard, job: str, batch_size: int, device) -> dict:
+    """Validation metrics on the full val set: accuracy (fine-tune) or kNN + RankMe (pretrain)."""
+    module.eval()
+    features, labels, correct = [], [], 0
+    for batch in val_shard.iter_torch_batches(batch_size=batch_size, device=device):
+        embedding = module.backbone(batch["image"])
+        if job == "finetune":
+            correct += (module.objective.head(embedding).argmax(-1) == batch["label"].long()).sum().item()
+        features.append(nn.functional.normalize(embedding.float(), dim=-1).cpu())
+        if "label" in batch:
+            labels.append(batch["label"].cpu())
+    module.train()
+    if not features:
+        return {}
+    feats = torch.cat(features)
+    metrics = {"rankme": rankme(feats)}
+    if labels:
+        labels = torch.cat(labels).long()
+        metrics["knn_acc"] = knn_accuracy(feats, labels, k=20)
+        if job == "finetune":
+            metrics["val_acc"] = correct / len(labels)
+    return metrics
+
+
+def save_state(folder: Path, module: TrainModule, optimizer, step: int, epoch: int) -> None:
+    torch.save(
+        {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch},
+        folder / STATE,
+    )
+
+
+def export_artifacts(folder: Path, module: TrainModule, cfg: JobConfig, job: str, meta: dict) -> None:
+    """Write the finished artifacts into a checkpoint folder: model/ and, for fine-tunes, adapter/."""
+    backbone = module.backbone
+    head = getattr(module.objective, "head", None)
+    if job == "finetune":
+        method = get_adapter(cfg.finetune.method)
+        if method.save_adapter is not None:
+            (folder / "adapter").mkdir()
+            method.save_adapter(backbone, folder / "adapter")
+            head_state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+            torch.save(head_state, folder / "adapter" / "head.pt")
+            (folder / "adapter" / "adapter.json").write_text(json.dumps(meta, indent=2, default=str))
+        backbone = method.export(backbone)
+    embedder = Embedder(backbone, num_classes=head.out_features if head is not None else 0)
+    if head is not None:
+        embedder.head.load_state_dict(head.state_dict())
+    (folder / "model").mkdir()
+    write_artifact(folder / "model", embedder, meta)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    cfg = JobConfig.model_validate(config["cfg"])
+    job, classes = config["job"], config["classes"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+
+    module = build_model(cfg, job, len(classes))
+    trainable, total = count_parameters(module)
+    optimizer = build_optimizer(module, cfg, job)
+    total_steps = config["total_steps"]
+    scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_steps, total_steps)
+    step, start_epoch = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # restart after a worker failure, or a resumed run
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=False)
+        module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, start_epoch = state["step"], state["epoch"]
+        for _ in range(step):
+            scheduler.step()
+    model = ray.train.torch.prepare_model(module)  # moves to device, wraps in DDP when world > 1
+    plain = model.module if hasattr(model, "module") else model
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
+    use_amp = device.type == "cuda"
+    losses, seen, window_start = [], 0, time.perf_counter()
+    metrics: dict = {}
+    epoch = start_epoch
+    while step < total_steps:
+        for batch in train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True, device=device):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss, extra = model(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            losses.append(loss.item())
+            seen += cfg.train.batch_size * world
+            last = step >= total_steps
+            should_eval = cfg.train.eval_every and step % cfg.train.eval_every == 0
+            if step % cfg.train.log_every == 0 and rank == 0:
+                rate = seen / (time.perf_counter() - window_start)
+                print(f"[{job}] step {step}/{total_steps} loss {np.mean(losses[-cfg.train.log_every:]):.4f} "
+                      f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.0f} img/s", flush=True)
+            if should_eval or last:
+                metrics = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": float(np.mean(losses)),
+                    "lr": scheduler.get_last_lr()[0],
+                    "images_per_s": seen / (time.perf_counter() - window_start),
+                    "trainable_params": trainable,
+                    "total_params": total,
+                    **{k: float(v) for k, v in extra.items()},
+                }
+                if val_shard is not None and rank == 0:
+                    metrics.update(evaluate(plain, val_shard, job, cfg.train.batch_size, device))
+                losses, seen, window_start = [], 0, time.perf_counter()
+                report(metrics, plain, optimizer, cfg, job, config, step, epoch, rank, last)
+            if last:
+                break
+        epoch += 1
+
+
+def report(metrics, module, optimizer, cfg, job, config, step, epoch, rank, final) -> None:
+    """ray.train.report from every rank; rank 0 attaches the checkpoint (state + artifacts)."""
+    keep = final or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
+    if rank != 0 or not keep:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        save_state(folder, module, optimizer, step, epoch)
+        if final:
+            meta = {**config["meta"], "metrics": metrics, "job": job}
+            export_artifacts(folder, module, cfg, job, meta)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def absolute_uris(cfg: JobConfig) -> JobConfig:
+    """Workers run in other folders (and on other nodes): every path becomes absolute."""
+    cfg = cfg.model_copy(deep=True)
+    for section, key in (("data", "train"), ("data", "val"), ("model", "init"), ("run", "storage")):
+        value = getattr(getattr(cfg, section), key)
+        if value:
+            setattr(getattr(cfg, section), key, storage.normalize(value))
+    return cfg
+
+
+def plan_run(cfg: JobConfig, job: str) -> dict:
+    """Everything checked and derived on the driver before any Ray work starts."""
+    if not cfg.data.train:
+        raise ValueError("data.train: a training dataset is required")
+    if cfg.model.init:
+        try:
+            read_meta(cfg.model.init)  # fails here, not in every worker
+        except (storage.StorageError, ValueError) as err:
+            raise ValueError(f"model.init: {err}") from None
+    if job == "finetune":
+        get_adapter(cfg.finetune.method)
+    else:
+        get_objective(cfg.objective.name)
+    try:
+        classes = read_classes(cfg.data.train)
+        rows = count_rows(cfg.data.train, cfg.data.limit)
+    except storage.StorageError as err:
+        raise storage.StorageError(f"data.train: {err}") from None
+    if job == "finetune" and len(classes) < 2:
+        raise ValueError(f"data.train: fine-tuning needs labelled data with class names ({cfg.data.train})")
+    if cfg.data.val and not storage.exists(cfg.data.val):
+        raise storage.StorageError(f"data.val: no such dataset: {cfg.data.val}")
+    global_batch = cfg.train.batch_size * cfg.train.workers
+    steps_per_epoch = rows // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.batch_size: {global_batch} rows per step is more than the {rows} rows of data")
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    backbone = create_backbone(cfg.model.name, cfg.model.kwargs)  # also checks name and kwargs
+    pre = preprocessing_config(backbone, cfg.data.image_size)
+    if job == "finetune":
+        get_adapter(cfg.finetune.method).apply(backbone, cfg.finetune)  # e.g. targets that match nothing
+    run_name = cfg.run.name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
+    meta = {
+        "timm_name": cfg.model.name,
+        "timm_kwargs": cfg.model.kwargs,
+        "preprocessing": pre,
+        "classes": classes,
+        "matryoshka_dims": [],
+        "config": cfg.model_dump(),
+        "init": cfg.model.init,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return {"classes": classes, "rows": rows, "total_steps": total_steps, "run_name": run_name, "meta": meta}
+
+
+def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=()):
+    """One TorchTrainer for this job (also what each sweep trial builds)."""
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = cfg.train.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    pre = plan["meta"]["preprocessing"]
+    mode = "ssl" if job == "pretrain" and get_objective(cfg.objective.name).views == 2 else "eval"
+    # Decoding and augmentation run as Ray Data tasks beside the workers (streaming).
+    # Their progress bars would interleave with the workers' progress lines: off.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    train = read_dataset(cfg.data.train, cfg.data.limit)
+    datasets = {"train": train.map_batches(preprocess_batch, fn_kwargs={"pre": pre, "mode": mode})}
+    if cfg.data.val:
+        val = read_dataset(cfg.data.val)
+        datasets["val"] = val.map_batches(preprocess_batch, fn_kwargs={"pre": pre, "mode": "eval"})
+    storage_root = storage.normalize(cfg.run.storage)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(),
+            "job": job,
+            "classes": plan["classes"],
+            "total_steps": plan["total_steps"],
+            "meta": plan["meta"],
+            "has_val": bool(cfg.data.val),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=plan["run_name"],
+            storage_path=storage.join(storage_root, "_ray"),
+            callbacks=list(callbacks),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def publish_result(result, cfg: JobConfig, job: str, run_name: str) -> dict[str, str]:
+    """Copy the final checkpoint's artifacts to `{storage}/{run}/model` (and `/adapter`)."""
+    run_uri = storage.join(storage.normalize(cfg.run.storage), run_name)
+    published = {}
+    with result.checkpoint.as_directory() as folder:
+        for name in ("adapter", "model"):
+            if (Path(folder) / name).is_dir():
+                uri = storage.join(run_uri, name)
+                with storage.publish_dir(uri, overwrite=True) as staging:
+                    shutil.copytree(Path(folder) / name, staging, dirs_exist_ok=True)
+                published[name] = uri
+    return published
+
+
+def run_training(cfg: JobConfig, job: str) -> dict[str, str]:
+    """Run one pretrain or finetune job to completion; returns {"model": uri, ...}."""
+    cfg = absolute_uris(cfg)
+    plan = plan_run(cfg, job)
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
+    trainer = build_trainer(cfg, job, plan, callbacks=[MetricsLogger(cfg.run.storage, plan["run_name"])])
+    result = trainer.fit()
+    published = publish_result(result, cfg, job, plan["run_name"])
+    summary = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    print(f"[{job}] done: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items()), flush=True)
+    return published
+
+
+class MetricsLogger(UserCallback):
+    """Runs in the Train controller: every report becomes a line of `{storage}/{run}/metrics.jsonl`."""
+
+    def __init__(self, storage_root: str, run_name: str):
+        self.uri = storage.join(storage.normalize(storage_root), run_name, "metrics.jsonl")
+        self.lines: list[str] = []
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.lines.append(json.dumps({"time": time.time(), **metrics[0]}, default=float))
+        fs, path = storage.filesystem(self.uri)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as out:  # rewritten whole: works on object stores too
+            out.write(("\n".join(self.lines) + "\n").encode())

@@ -1,0 +1,78 @@
+"""The CLI contract: --help everywhere, and every bad input is one line on stderr with exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from system.cli import build_parser, main
+
+SUBCOMMANDS = [
+    ["data", "ingest"], ["data", "info"], ["pretrain"], ["finetune"], ["sweep"], ["embed"],
+    ["index", "build"], ["index", "search"], ["index", "eval"], ["serve"], ["quickstart"],
+]
+
+
+@pytest.mark.parametrize("words", SUBCOMMANDS, ids=" ".join)
+def test_help(words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*words, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: repforge" in capsys.readouterr().out
+
+
+BAD_INPUTS = {
+    "unknown key": (["pretrain", "--set", "train.lrr=1"], "train.lrr"),
+    "wrong type": (["pretrain", "--set", "train.workers=abc"], "train.workers"),
+    "out of range": (["finetune", "--set", "train.lr=-1"], "train.lr"),
+    "bad --set": (["pretrain", "--set", "train.lr"], "train.lr"),
+    "missing config": (["pretrain", "--config", "/nonexistent.yaml"], "--config"),
+    "missing train data": (["pretrain", "--set", "data.train=/nonexistent"], "data.train"),
+    "unknown model": (["pretrain", "--config", "configs/quickstart.yaml", "--set", "model.name=nope"], "model.name"),
+    "unknown objective": (["pretrain", "--config", "configs/quickstart.yaml", "--set", "objective.name=x"], "objective.name"),
+    "unknown method": (["finetune", "--config", "configs/quickstart.yaml", "--set", "finetune.method=x"], "finetune.method"),
+    "targets match nothing": (
+        ["finetune", "--config", "configs/quickstart.yaml", "--set", "finetune.target_modules=zzz"],
+        "finetune.target_modules",
+    ),
+    "missing init": (["finetune", "--config", "configs/quickstart.yaml", "--set", "model.init=/nope"], "model.init"),
+    "bad sweep space": (["sweep", "--config", "configs/quickstart.yaml", "--set", "sweep.space={train.lr: {bogus: 1}}"], "train.lr"),
+    "embed missing model": (["embed", "--model", "/nope", "--data", "/nope", "--out", "/tmp/x"], "/nope"),
+    "index missing embeddings": (["index", "build", "--embeddings", "/nope", "--out", "/tmp/x"], "/nope"),
+    "index search no query": (["index", "search", "--index", "/nope"], "--id"),
+    "index eval missing": (["index", "eval", "--index", "/nope"], "/nope"),
+    "data info missing": (["data", "info", "/nope"], "/nope"),
+    "ingest missing": (["data", "ingest", "/nope", "--out", "/tmp/x"], "/nope"),
+    "serve missing model": (["serve", "--model", "/nope"], "/nope"),
+    "quickstart bad set": (["quickstart", "--set", "train.bogus=1"], "train.bogus"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _at_project_root(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2(case, capsys):
+    argv, named = BAD_INPUTS[case]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("repforge: error:") and named in lines[0], lines[0]
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_module_entry_point_exit_code():
+    """`python -m system.cli` (what `ray job submit` runs) has the same contract."""
+    done = subprocess.run(
+        [sys.executable, "-m", "system.cli", "pretrain", "--set", "train.nope=1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == "repforge: error: train.nope: unknown key"

@@ -1,0 +1,375 @@
+"""The Serve app end to end: real HTTP on loopback to a real app over a real model and FAISS index.
+
+    .venv/bin/python -m pytest -q tests/test_serve.py
+
+One app serves the whole module (start_app on a free port); its model is a tiny timm ViT
+with a 10-class head, its index holds the embeddings of the real sklearn digits test set.
+Answers are checked against the same model run in-process.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import socket
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from ray import serve
+
+from serve.app import APP_NAME, ServeArgsError, build_app, start_app, stop_app
+from system import storage
+from system.embed import embed_images, embeddings_metadata, embeddings_table
+from system.index import build_index
+from system.models import Embedder, create_backbone, save_model
+from system.transforms import eval_transform, images_to_tensor, preprocessing_config
+
+CLASSES = [str(i) for i in range(10)]
+LIMITS = {"max_batch_size": 4, "max_images": 8, "max_k": 50, "max_body_bytes": 1_000_000}
+# The served model runs under bf16 autocast when the replica gets a GPU; fp32 on CPU.
+ATOL = 3e-2 if torch.cuda.is_available() else 1e-4
+
+
+@dataclass
+class Served:
+    url: str
+    client: httpx.Client
+    model: Embedder
+    meta: dict
+    ids: list[str]
+    images: list[bytes]
+    labels: list[int]
+    vectors: np.ndarray  # in-process embeddings of `images`, the ground truth
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model(root, num_classes: int, name: str) -> tuple[Embedder, dict]:
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "patch_size": 4}
+    backbone = create_backbone("test_vit", kwargs)
+    model = Embedder(backbone, num_classes=num_classes).eval()
+    meta = {
+        "timm_name": "test_vit",
+        "timm_kwargs": kwargs,
+        "preprocessing": preprocessing_config(backbone, 32),
+        "classes": CLASSES if num_classes else [],
+    }
+    return model, save_model(str(root / name), model, meta)
+
+
+@pytest.fixture(scope="module")
+def artifacts(digits_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    model, meta = tiny_model(root, 10, "model")
+    table = pq.read_table(storage.parquet_files(digits_data[1]))
+    ids, images = table.column("id").to_pylist(), table.column("image").to_pylist()
+    vectors = embed_images(model, meta["preprocessing"], images)
+    (root / "embeddings").mkdir()
+    pq.write_table(
+        embeddings_table(ids, vectors, {"label": table.column("label")}, embeddings_metadata(meta, CLASSES)),
+        root / "embeddings" / "part-00000.parquet",
+    )
+    build_index(str(root / "embeddings"), str(root / "index"), progress=False)
+    return root, model, meta, ids, images, table.column("label").to_pylist(), vectors
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, artifacts):
+    root, model, meta, ids, images, labels, vectors = artifacts
+    url = start_app({"model": str(root / "model"), "index": str(root / "index"), **LIMITS}, port=free_port())
+    try:
+        with httpx.Client(base_url=url, timeout=60.0) as client:
+            yield Served(url, client, model, meta, ids, images, labels, vectors)
+    finally:
+        stop_app()
+
+
+def multipart(images: list[bytes]) -> list:
+    return [("image", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+
+
+def b64(images: list[bytes]) -> dict:
+    return {"images": [base64.b64encode(data).decode() for data in images]}
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+
+
+# -- happy paths ----------------------------------------------------------------------
+
+
+def test_health_info_and_docs(served):
+    assert served.client.get("/v1/health").json() == {"status": "ok"}
+    info = served.client.get("/v1/info").json()
+    assert info["model"]["fingerprint"] == served.meta["fingerprint"]
+    assert info["index"]["dim"] == served.meta["embedding_dim"] and info["index"]["count"] == len(served.ids)
+    assert info["limits"]["max_k"] == LIMITS["max_k"]
+    assert served.client.get("/docs").status_code == 200
+    paths = served.client.get("/openapi.json").json()["paths"]
+    assert {"/v1/embed", "/v1/classify", "/v1/search", "/v1/health", "/v1/info"} <= set(paths)
+    assert "multipart/form-data" in paths["/v1/embed"]["post"]["requestBody"]["content"]
+
+
+@pytest.mark.parametrize("encoding", ["multipart", "json"])
+def test_embed_matches_in_process(served, encoding):
+    picks = [0, 5, 17]
+    images = [served.images[i] for i in picks]
+    if encoding == "multipart":
+        response = served.client.post("/v1/embed", files=multipart(images))
+    else:
+        response = served.client.post("/v1/embed", json=b64(images))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["dim"] == served.meta["embedding_dim"] and body["model"] == served.meta["fingerprint"]
+    np.testing.assert_allclose(np.array(body["embeddings"]), served.vectors[picks], atol=ATOL)
+
+
+def test_embed_batches_concurrent_requests(served):
+    # Requests of 1..8 images (8 > max_batch_size=4 is split) sent at once share batches;
+    # every answer must still be the right rows, in order.
+    requests = [list(range(start, start + n)) for start, n in zip(range(0, 80, 10), range(1, 9), strict=True)]
+
+    def embed(picks):
+        response = served.client.post("/v1/embed", files=multipart([served.images[i] for i in picks]))
+        assert response.status_code == 200, response.text
+        return np.array(response.json()["embeddings"])
+
+    with ThreadPoolExecutor(8) as pool:
+        for picks, got in zip(requests, pool.map(embed, requests), strict=True):
+            np.testing.assert_allclose(got, served.vectors[picks], atol=ATOL)
+
+
+@pytest.mark.parametrize("encoding", ["multipart", "json"])
+def test_classify_top_k(served, encoding):
+    picks, k = [3, 4], 3
+    images = [served.images[i] for i in picks]
+    if encoding == "multipart":
+        response = served.client.post("/v1/classify", files=multipart(images), params={"k": k})
+    else:
+        response = served.client.post("/v1/classify", json={**b64(images), "k": k})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    with torch.inference_mode():
+        batch = torch.from_numpy(images_to_tensor(images, eval_transform(served.meta["preprocessing"])))
+        probs = served.model.classify(batch).softmax(-1).numpy()
+    for row, expected in zip(predictions, probs, strict=True):
+        # Scores are checked per label, so near-ties may come back in either order.
+        labels, scores = [p["label"] for p in row], np.array([p["score"] for p in row])
+        assert len(set(labels)) == k and set(labels) <= set(CLASSES)
+        np.testing.assert_allclose(scores, expected[[CLASSES.index(lab) for lab in labels]], atol=ATOL)
+        np.testing.assert_allclose(scores, np.sort(expected)[::-1][:k], atol=ATOL)
+        assert scores.sum() <= 1 + 1e-6
+
+
+def test_classify_default_k(served):
+    response = served.client.post("/v1/classify", files=multipart(served.images[:1]))
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"][0]) == 5
+
+
+def distinct_rows(vectors: np.ndarray, count: int) -> list[int]:
+    # Some digits are pixel-identical; a query for one of them may rightly return its twin first.
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -np.inf)
+    rows = [int(i) for i in np.flatnonzero(sims.max(axis=1) < 1 - 1e-4)[:count]]
+    assert len(rows) == count, "too few distinct digits for a meaningful search test"
+    return rows
+
+
+def test_search_by_vector_and_image(served):
+    picks = distinct_rows(served.vectors, 3)
+    by_vector = served.client.post(
+        "/v1/search", json={"vectors": served.vectors[picks].tolist(), "k": 5}
+    ).json()["results"]
+    by_image = served.client.post(
+        "/v1/search", files=multipart([served.images[i] for i in picks]), params={"k": 5}
+    ).json()["results"]
+    for i, from_vector, from_image in zip(picks, by_vector, by_image, strict=True):
+        for hits in (from_vector, from_image):
+            assert len(hits) == 5
+            assert all(a["score"] >= b["score"] for a, b in zip(hits, hits[1:], strict=False))
+            # The cosine similarity of a normalised vector with itself.
+            assert hits[0]["score"] == pytest.approx(1.0, abs=ATOL)
+        # The stored vector finds itself first; the re-embedded image does too (up to bf16 noise on GPU).
+        assert (
+            from_vector[0]["id"] == served.ids[i] and from_vector[0]["metadata"]["label"] == served.labels[i]
+        )
+        own = [h for h in from_image if h["id"] == served.ids[i]]
+        assert own and own[0]["score"] >= from_image[0]["score"] - ATOL
+        assert own[0]["metadata"]["label"] == served.labels[i]
+        if ATOL < 1e-3:
+            assert from_image[0]["id"] == served.ids[i]
+
+
+def test_search_by_id(served):
+    picks = distinct_rows(served.vectors, 2)
+    response = served.client.post("/v1/search", json={"ids": [served.ids[i] for i in picks]}, params={"k": 3})
+    assert response.status_code == 200, response.text
+    for i, hits in zip(picks, response.json()["results"], strict=True):
+        assert len(hits) == 3 and hits[0]["id"] == served.ids[i]
+        assert hits[0]["metadata"]["label"] == served.labels[i]
+
+
+# -- bad input ------------------------------------------------------------------------
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG signature and a valid IHDR chunk claiming a huge image, and no pixel data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk
+
+
+def digit_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PNG = digit_png()
+JSON = {"content-type": "application/json"}
+BAD_INPUTS = {
+    # name: (path, request kwargs, status, error code)
+    "truncated png": ("/v1/embed", {"files": multipart([PNG[: len(PNG) // 2]])}, 400, "invalid_image"),
+    "text as image": ("/v1/embed", {"files": multipart([b"hello, not an image"])}, 400, "invalid_image"),
+    "empty image part": ("/v1/classify", {"files": multipart([b""])}, 400, "invalid_image"),
+    "0-byte body": ("/v1/embed", {"content": b"", "headers": JSON}, 400, "empty_body"),
+    "20000x20000 header": (
+        "/v1/embed",
+        {"files": multipart([png_claiming(20000, 20000)])},
+        400,
+        "invalid_image",
+    ),
+    "images not a list": ("/v1/embed", {"json": {"images": "abc"}}, 422, "validation_error"),
+    "images of numbers": ("/v1/search", {"json": {"images": [1, 2]}}, 422, "validation_error"),
+    "json not an object": ("/v1/embed", {"json": [1, 2]}, 422, "validation_error"),
+    "missing images": ("/v1/embed", {"json": {}}, 422, "validation_error"),
+    "missing query": ("/v1/search", {"json": {"k": 3}}, 422, "validation_error"),
+    "two query kinds": ("/v1/search", {"json": {"ids": ["a"], "vectors": [[0.0]]}}, 422, "validation_error"),
+    "unknown field": ("/v1/embed", {"json": {**b64([PNG]), "extra": 1}}, 422, "validation_error"),
+    "no image part": (
+        "/v1/embed",
+        {"files": [("picture", ("a.png", PNG, "image/png"))]},
+        422,
+        "validation_error",
+    ),
+    "malformed json": ("/v1/embed", {"content": b'{"images": [', "headers": JSON}, 400, "invalid_json"),
+    "bad base64": ("/v1/embed", {"json": {"images": ["not base64 !!"]}}, 400, "bad_base64"),
+    "base64 of text": ("/v1/search", {"json": b64([b"plain text"])}, 400, "invalid_image"),
+    "nan vector": (
+        "/v1/search",
+        {"content": json.dumps({"vectors": [[math.nan] * 64]}), "headers": JSON},
+        422,
+        "validation_error",
+    ),
+    "float32 overflow": ("/v1/search", {"json": {"vectors": [[1e300] * 64]}}, 422, "invalid_vector"),
+    "wrong dimension": ("/v1/search", {"json": {"vectors": [[0.1] * 3]}}, 422, "invalid_vector"),
+    "ragged vectors": ("/v1/search", {"json": {"vectors": [[0.1] * 64, [0.1] * 63]}}, 422, "invalid_vector"),
+    "k=0": ("/v1/search", {"json": {"ids": ["digits/0000"]}, "params": {"k": 0}}, 422, "invalid_k"),
+    "huge k": ("/v1/classify", {"files": multipart([PNG]), "params": {"k": 10**9}}, 422, "invalid_k"),
+    "k in body": ("/v1/search", {"json": {"ids": ["x"], "k": -1}}, 422, "invalid_k"),
+    "k not a number": (
+        "/v1/search",
+        {"json": {"ids": ["x"]}, "params": {"k": "many"}},
+        422,
+        "validation_error",
+    ),
+    "unknown id": ("/v1/search", {"json": {"ids": ["no/such/id"]}}, 404, "unknown_id"),
+    "unsupported content type": (
+        "/v1/embed",
+        {"content": PNG, "headers": {"content-type": "image/png"}},
+        415,
+        "unsupported_media_type",
+    ),
+    "no content type": ("/v1/embed", {"content": b"abc"}, 415, "unsupported_media_type"),
+    "body over max_body_bytes": (
+        "/v1/embed",
+        {"files": multipart([b"x" * 1_100_000])},
+        413,
+        "body_too_large",
+    ),
+    "too many images (multipart)": ("/v1/embed", {"files": multipart([PNG] * 9)}, 413, "too_many_images"),
+    "too many images (json)": ("/v1/embed", {"json": b64([PNG] * 9)}, 413, "too_many_images"),
+    "too many ids": ("/v1/search", {"json": {"ids": ["x"] * 9}}, 413, "too_many_ids"),
+    "broken multipart": (
+        "/v1/embed",
+        {"content": b"garbage", "headers": {"content-type": "multipart/form-data"}},
+        400,
+        "invalid_multipart",
+    ),
+    "unknown route": ("/v1/nothing", {"json": {}}, 404, "not_found"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_a_json_4xx(served, name):
+    path, kwargs, status, code = BAD_INPUTS[name]
+    assert_error(served.client.post(path, **kwargs), status, code)
+    assert served.client.get("/v1/health").json() == {"status": "ok"}
+
+
+def test_wrong_method(served):
+    assert_error(served.client.get("/v1/embed"), 405, "method_not_allowed")
+
+
+# -- build arguments and optional parts ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"index": "x"}, "model: Field required"),
+        ({"model": "m", "extra": 1}, "extra: Extra inputs are not permitted"),
+        ({"model": "m", "max_k": 0}, "max_k: Input should be greater than or equal to 1"),
+        ({"model": "/no/such/model"}, "model: no such artifact"),
+    ],
+)
+def test_bad_args_are_one_line(args, message):
+    with pytest.raises(ServeArgsError, match=message) as err:
+        build_app(args)
+    assert "\n" not in str(err.value)
+
+
+def test_classifier_without_head_and_foreign_index(artifacts, tmp_path):
+    root = artifacts[0]
+    tiny_model(tmp_path, 0, "headless")
+    with pytest.raises(ServeArgsError, match="classifier: .* has no classification head"):
+        build_app({"model": str(root / "model"), "classifier": str(tmp_path / "headless")})
+    with pytest.raises(ServeArgsError, match="index: built from model"):
+        build_app({"model": str(tmp_path / "headless"), "index": str(root / "index")})
+
+
+def test_no_index_and_no_classifier_are_404(served, tmp_path):
+    # Last in the module: it replaces the shared app (two apps do not fit in 2 CPUs) on the
+    # same, still running Serve instance; the fixture's stop_app removes it.
+    serve.delete(APP_NAME)
+    tiny_model(tmp_path, 0, "headless")
+    url = start_app({"model": str(tmp_path / "headless")}, port=int(served.url.rsplit(":", 1)[1]))
+    with httpx.Client(base_url=url, timeout=60.0) as client:
+        assert_error(client.post("/v1/classify", files=multipart([PNG])), 404, "no_classifier")
+        assert_error(client.post("/v1/search", json={"ids": ["x"]}), 404, "no_index")
+        assert client.post("/v1/embed", files=multipart([PNG])).status_code == 200
+        assert client.get("/v1/info").json()["index"] is None

@@ -1,0 +1,132 @@
+"""tune.space and tune.sweep: search-space validation, and a real 2-trial sweep on digits.
+
+    .venv/bin/python -m pytest -q tests/test_sweep.py
+"""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from ray import tune
+
+from system import storage
+from system.config import ConfigError, build_config, load_config
+from system.models import read_meta
+from tune.space import tune_space, validate_space
+
+
+def base_tree(**space) -> dict:
+    return {"sweep": {"space": space}, "model": {"name": "test_resnet", "kwargs": {}}}
+
+
+@pytest.mark.parametrize(
+    "space, key, words",
+    [
+        ({"train.lr": {"logunifrom": [1e-4, 1e-2]}}, "train.lr", "unknown domain"),
+        ({"train.lr": {"uniform": [1e-4]}}, "train.lr", "two numbers"),
+        ({"train.lr": {"uniform": [1e-2, 1e-4]}}, "train.lr", "lo < hi"),
+        ({"train.lr": {"loguniform": [0, 1e-2]}}, "train.lr", "lo > 0"),
+        ({"finetune.rank": {"randint": [2.5, 8]}}, "finetune.rank", "integers"),
+        ({"finetune.rank": {"choice": []}}, "finetune.rank", "at least one"),
+        ({"train.lrr": {"loguniform": [1e-4, 1e-2]}}, "train.lrr", "unknown key"),
+        ({"trian.lr": {"choice": [0.1]}}, "trian.lr", "unknown key"),
+        ({"seed.value": 3}, "seed.value", "not a section"),
+        ({"finetune.rank": {"choice": [4, 0]}}, "finetune.rank", "greater than or equal"),
+        ({"train.lr": {"uniform": [1e-3, 20]}}, "train.lr", "less than or equal"),
+        ({"run.name": {"choice": ["a", "b"]}}, "run.name", "cannot be searched"),
+    ],
+)
+def test_invalid_space_names_the_key(space, key, words):
+    cfg = build_config(base_tree(**space))
+    with pytest.raises(ConfigError) as err:
+        validate_space(cfg)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"sweep.space.{key}" in message
+    assert words in message
+
+
+def test_empty_space_is_an_error():
+    with pytest.raises(ConfigError, match="sweep.space: empty"):
+        validate_space(build_config(base_tree()))
+
+
+def test_valid_space_becomes_tune_domains():
+    space = {
+        "train.lr": {"loguniform": [1e-4, 1e-2]},
+        "train.weight_decay": {"uniform": [0.0, 0.1]},
+        "finetune.rank": {"choice": [2, 4]},
+        "train.batch_size": {"grid": [16, 32]},
+        "train.warmup_steps": {"randint": [0, 5]},
+        "finetune.dropout": 0.1,
+        "model.kwargs": {"choice": [{}, {"drop_rate": 0.1}]},
+    }
+    tried = validate_space(build_config(base_tree(**space)))
+    assert tried["train.warmup_steps"] == [0, 4] and tried["finetune.dropout"] == [0.1]
+    domains = tune_space(space)
+    assert isinstance(domains["train.lr"], tune.search.sample.Float)
+    assert isinstance(domains["finetune.rank"], tune.search.sample.Categorical)
+    assert isinstance(domains["train.warmup_steps"], tune.search.sample.Integer)
+    assert domains["train.batch_size"] == {"grid_search": [16, 32]}
+    assert domains["finetune.dropout"] == 0.1
+
+
+def test_sweep_metric_needs_validation_data(digits_data):
+    from tune.sweep import run_sweep
+
+    train_uri, _ = digits_data
+    cfg = build_config({**base_tree(**{"train.lr": {"choice": [0.01]}}), "data": {"train": train_uri}})
+    with pytest.raises(ConfigError, match="sweep.metric: val_acc"):
+        run_sweep(cfg)
+
+
+@pytest.mark.slow
+def test_two_trial_finetune_sweep_on_digits(ray_local, digits_data, tmp_path, capsys):
+    from tune.sweep import run_sweep
+
+    train_uri, test_uri = digits_data
+    tree = {
+        "data": {"train": train_uri, "val": test_uri, "image_size": 32, "limit": 512},
+        "model": {"name": "test_resnet", "kwargs": {}},
+        "finetune": {"method": "lora"},
+        "train": {"workers": 2, "cpus_per_worker": 0.5, "batch_size": 32, "max_steps": 12, "eval_every": 4,
+                  "lr": 3e-3, "log_every": 4},
+        "run": {"storage": str(tmp_path / "runs"), "name": "sw"},
+        "sweep": {
+            "num_samples": 2,
+            "metric": "val_acc",
+            "mode": "max",
+            "grace_period": 1,
+            "space": {"train.lr": {"loguniform": [1e-3, 3e-2]}, "finetune.rank": {"choice": [2, 4]}},
+        },
+    }
+    cfg = build_config(tree)
+    uri = run_sweep(cfg, job="finetune")
+    assert uri == storage.join(str(tmp_path / "runs"), "sw")
+    folder = storage.local_path(uri)
+
+    with open(folder / "leaderboard.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    assert {"trial_id", "status", "train.lr", "finetune.rank", "val_acc", "trainable_params", "steps"} <= set(rows[0])
+    assert rows[0]["status"] == "DONE" and int(rows[0]["steps"]) == 12
+    scores = [float(r["val_acc"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert {r["finetune.rank"] for r in rows} <= {"2", "4"}
+    assert "val_acc" in capsys.readouterr().out  # the table was printed
+
+    best = load_config(folder / "best.yaml")
+    assert best.train.lr == pytest.approx(float(rows[0]["train.lr"]))
+    assert best.finetune.rank == int(rows[0]["finetune.rank"])
+    assert best.sweep.space == cfg.sweep.space and best.model.name == "test_resnet"
+
+    meta = read_meta(str(folder / "best" / "model"))
+    assert meta["metrics"]["val_acc"] == pytest.approx(scores[0])
+    assert meta["config"]["finetune"]["rank"] == best.finetune.rank
+
+    # A finished sweep cannot be started again under the same name, only resumed.
+    with pytest.raises(ConfigError, match="sweep folder exists"):
+        run_sweep(cfg, job="finetune")
+    with pytest.raises(ConfigError, match="no sweep to resume"):
+        run_sweep(build_config({**tree, "run": {**tree["run"], "name": "other"}}), resume=True)
