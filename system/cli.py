@@ -43,7 +43,11 @@ def _config_help() -> str:
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML preset (see configs/)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one config key, e.g. --set train.lr=3e-4 (repeatable)",
     )
 
@@ -66,16 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     info = data_commands.add_parser("info", help="rows, classes, image sizes and bytes of a dataset")
     info.add_argument("dataset", help="dataset folder or Parquet file")
 
-    for job, text in (("pretrain", "self-supervised pretraining (Ray Train)"),
-                      ("finetune", "PEFT fine-tuning with a linear head (Ray Train)")):
+    for job, text in (
+        ("pretrain", "self-supervised pretraining (Ray Train)"),
+        ("finetune", "PEFT fine-tuning with a linear head (Ray Train)"),
+    ):
         sub = commands.add_parser(job, help=text, epilog=_config_help(), formatter_class=raw)
         _add_config_args(sub)
 
-    sweep = commands.add_parser("sweep", help="hyperparameter and rank search (Ray Tune)",
-                                epilog=_config_help(), formatter_class=raw)
+    sweep = commands.add_parser(
+        "sweep", help="hyperparameter and rank search (Ray Tune)", epilog=_config_help(), formatter_class=raw
+    )
     _add_config_args(sweep)
-    sweep.add_argument("--job", choices=["finetune", "pretrain"], default="finetune", help="what each trial runs")
-    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same run.name")
+    sweep.add_argument(
+        "--job", choices=["finetune", "pretrain"], default="finetune", help="what each trial runs"
+    )
+    sweep.add_argument(
+        "--resume", action="store_true", help="continue an interrupted sweep of the same run.name"
+    )
 
     embed = commands.add_parser("embed", help="embed a dataset with a model artifact (Ray Data)")
     embed.add_argument("--model", required=True, help="model artifact folder")
@@ -96,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--overwrite", action="store_true", help="replace an existing output")
     search = index_commands.add_parser("search", help="nearest neighbours of stored items or images")
     search.add_argument("--index", required=True, help="index folder")
-    search.add_argument("--id", dest="ids", action="append", default=[], help="query by a stored id (repeatable)")
+    search.add_argument(
+        "--id", dest="ids", action="append", default=[], help="query by a stored id (repeatable)"
+    )
     search.add_argument("--image", dest="images", action="append", default=[], help="query by an image file")
     search.add_argument("--model", help="model artifact that embeds --image queries")
     search.add_argument("--k", type=int, default=10, help="neighbours per query")
@@ -116,8 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--storage", default="runs", help="root folder for everything it writes")
     quick.add_argument("--port", type=int, default=8000, help="port of the demo app on 127.0.0.1")
     quick.add_argument("--keep-serving", action="store_true", help="leave the app up and print curl examples")
-    quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a key of configs/quickstart.yaml for pretrain/finetune/sweep")
+    quick.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of configs/quickstart.yaml for pretrain/finetune/sweep",
+    )
     return parser
 
 
@@ -131,10 +150,13 @@ def cmd_data(args) -> str:
     from system import data
 
     if args.data_command == "ingest":
-        summary = data.ingest(args.src, args.out, args.image_col, args.label_col, args.id_col,
-                              args.shard_rows, args.overwrite)
-        print(f"ingested {summary['rows']} rows in {summary['shards']} shards, "
-              f"{summary['rejected']} rejected, classes: {','.join(summary['classes']) or '-'}")
+        summary = data.ingest(
+            args.src, args.out, args.image_col, args.label_col, args.id_col, args.shard_rows, args.overwrite
+        )
+        print(
+            f"ingested {summary['rows']} rows in {summary['shards']} shards, "
+            f"{summary['rejected']} rejected, classes: {','.join(summary['classes']) or '-'}"
+        )
         return summary["out"]
     print(json.dumps(data.info(args.dataset), indent=2))
     return data.storage.normalize(args.dataset)
@@ -158,7 +180,9 @@ def cmd_sweep(args) -> str:
 def cmd_embed(args) -> str:
     from system.embed import run_embed
 
-    return run_embed(args.model, args.data, args.out, args.batch_size, args.concurrency, args.limit, args.overwrite)
+    return run_embed(
+        args.model, args.data, args.out, args.batch_size, args.concurrency, args.limit, args.overwrite
+    )
 
 
 def cmd_index(args) -> str:
@@ -196,10 +220,15 @@ def search_index(args, index) -> str:
         for path, image in zip(args.images, images):
             if (reason := check_image(image)) is not None:
                 raise CliError(f"--image {path}: {reason}")
-        queries, (found, scores) = args.images, vindex.search(embed_images(model, meta["preprocessing"], images), args.k)
+        queries, (found, scores) = (
+            args.images,
+            vindex.search(embed_images(model, meta["preprocessing"], images), args.k),
+        )
     for query, ids, row in zip(queries, found, scores):
-        hits = [{"id": i, "score": round(float(s), 5), "metadata": m}
-                for i, s, m in zip(ids, row, vindex.metadata(ids))]
+        hits = [
+            {"id": i, "score": round(float(s), 5), "metadata": m}
+            for i, s, m in zip(ids, row, vindex.metadata(ids))
+        ]
         print(json.dumps({"query": query, "hits": hits}))
     return index.storage.normalize(args.index)
 
@@ -210,8 +239,11 @@ def cmd_serve(args) -> str:
 
     from serve.app import start_app, stop_app
 
-    url = start_app({"model": args.model, "index": args.index, "classifier": args.classifier},
-                    host=args.host, port=args.port)
+    url = start_app(
+        {"model": args.model, "index": args.index, "classifier": args.classifier},
+        host=args.host,
+        port=args.port,
+    )
     print(f"serving on {url} (OpenAPI at {url}/docs); Ctrl-C stops", flush=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
@@ -231,8 +263,14 @@ def cmd_quickstart(args) -> str:
 
 
 COMMANDS = {
-    "data": cmd_data, "pretrain": cmd_train, "finetune": cmd_train, "sweep": cmd_sweep,
-    "embed": cmd_embed, "index": cmd_index, "serve": cmd_serve, "quickstart": cmd_quickstart,
+    "data": cmd_data,
+    "pretrain": cmd_train,
+    "finetune": cmd_train,
+    "sweep": cmd_sweep,
+    "embed": cmd_embed,
+    "index": cmd_index,
+    "serve": cmd_serve,
+    "quickstart": cmd_quickstart,
 }
 
 

@@ -43,7 +43,9 @@ def embeddings_table(ids, vectors: np.ndarray, passthrough: dict | None, metadat
     return table.replace_schema_metadata(metadata)
 
 
-def read_embeddings(uri: str, columns: list[str] | None = None) -> tuple[list[str], np.ndarray, pa.Table, dict]:
+def read_embeddings(
+    uri: str, columns: list[str] | None = None
+) -> tuple[list[str], np.ndarray, pa.Table, dict]:
     """(ids, vectors [n, d] float32, passthrough table, schema metadata) of an embeddings folder."""
     files = storage.parquet_files(uri)
     table = pq.read_table(files if len(files) > 1 else files[0], columns=columns)

@@ -58,8 +58,9 @@ def print_summary(rows: list[tuple[str, str]]) -> None:
     print("-" * (width + 24), flush=True)
 
 
-def run_quickstart(storage_root: str = "runs", port: int = 8000, keep_serving: bool = False,
-                   overrides: list[str] = ()) -> str:
+def run_quickstart(
+    storage_root: str = "runs", port: int = 8000, keep_serving: bool = False, overrides: list[str] = ()
+) -> str:
     import pyarrow.parquet as pq
     import ray
 
@@ -86,7 +87,9 @@ def run_quickstart(storage_root: str = "runs", port: int = 8000, keep_serving: b
     ray.init(ignore_reinit_error=True)
 
     _stage("pretrain: SimCLR, 2 workers, DDP")
-    pretrained = run_training(load_config(PRESET, [*data, *common, "run.name=quickstart/pretrain"]), "pretrain")
+    pretrained = run_training(
+        load_config(PRESET, [*data, *common, "run.name=quickstart/pretrain"]), "pretrain"
+    )
 
     _stage("finetune: LoRA + linear head")
     ft = [*data, *common, f"model.init={pretrained['model']}", "objective.name=supervised"]
@@ -105,7 +108,9 @@ def run_quickstart(storage_root: str = "runs", port: int = 8000, keep_serving: b
     evaluation = evaluate_index(index_uri, k=10)
 
     _stage("serve: Ray Serve on 127.0.0.1")
-    first = pq.read_table(storage.parquet_files(test_uri)[0], columns=["id", "image"]).slice(0, 1).to_pylist()[0]
+    first = (
+        pq.read_table(storage.parquet_files(test_uri)[0], columns=["id", "image"]).slice(0, 1).to_pylist()[0]
+    )
     indexed = pq.read_table(storage.parquet_files(train_uri)[0], columns=["id"]).column("id")[0].as_py()
     url = start_app({"model": model_uri, "index": index_uri}, port=port)
     try:
@@ -117,7 +122,10 @@ def run_quickstart(storage_root: str = "runs", port: int = 8000, keep_serving: b
     metrics = read_meta(model_uri)["metrics"]
     rows = [
         ("fine-tuned accuracy (held-out digits)", f"{metrics['val_acc']:.3f}"),
-        ("trainable parameters (LoRA + head)", f"{metrics['trainable_params']:,} of {metrics['total_params']:,}"),
+        (
+            "trainable parameters (LoRA + head)",
+            f"{metrics['trainable_params']:,} of {metrics['total_params']:,}",
+        ),
         ("index recall@10 vs exact", f"{evaluation['recall@10']:.3f}"),
         ("index queries/s (batch 1)", f"{evaluation['qps_batch1']:,.0f}"),
         *[(f"latency {name}", f"{ms:.1f} ms") for name, ms in latencies.items()],
@@ -126,11 +134,15 @@ def run_quickstart(storage_root: str = "runs", port: int = 8000, keep_serving: b
     ]
     print_summary(rows)
     if keep_serving:
-        print(f"\nThe app is still up at {url} (OpenAPI: {url}/docs). Try:\n"
-              f"  curl {url}/v1/health\n"
-              f"  curl -F image=@some.png '{url}/v1/classify?k=3'\n"
-              f"  curl -H 'content-type: application/json' -d '{{\"ids\": [\"{indexed}\"]}}' '{url}/v1/search?k=5'\n"
-              "Press Ctrl-C to stop.", flush=True)
+        print(
+            f"\nThe app is still up at {url} (OpenAPI: {url}/docs). Try:\n"
+            f"  curl {url}/v1/health\n"
+            f"  curl -F image=@some.png '{url}/v1/classify?k=3'\n"
+            f"  curl -H 'content-type: application/json' \\\n"
+            f"       -d '{{\"ids\": [\"{indexed}\"]}}' '{url}/v1/search?k=5'\n"
+            "Press Ctrl-C to stop.",
+            flush=True,
+        )
         _wait_for_interrupt()
         stop_app()
     return base

@@ -86,6 +86,19 @@ def cosine_with_warmup(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def train_mode(module: nn.Module) -> None:
+    """module.train(), except batch norms whose weights are frozen keep their running stats.
+
+    Otherwise a LoRA or linear fine-tune would silently change the frozen backbone through
+    its BatchNorm statistics, and the saved adapter would no longer reproduce the model.
+    """
+    module.train()
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            if not any(p.requires_grad for p in layer.parameters(recurse=False)):
+                layer.eval()
+
+
 @torch.no_grad()
 def evaluate(module: TrainModule, val_shard, job: str, batch_size: int, device) -> dict:
     """Validation metrics on the full val set: accuracy (fine-tune) or kNN + RankMe (pretrain)."""
@@ -98,7 +111,7 @@ def evaluate(module: TrainModule, val_shard, job: str, batch_size: int, device) 
         features.append(nn.functional.normalize(embedding.float(), dim=-1).cpu())
         if "label" in batch:
             labels.append(batch["label"].cpu())
-    module.train()
+    train_mode(module)
     if not features:
         return {}
     feats = torch.cat(features)
@@ -165,6 +178,7 @@ def train_loop_per_worker(config: dict) -> None:
             scheduler.step()
     model = ray.train.torch.prepare_model(module)  # moves to device, wraps in DDP when world > 1
     plain = model.module if hasattr(model, "module") else model
+    train_mode(plain)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
@@ -172,8 +186,12 @@ def train_loop_per_worker(config: dict) -> None:
     losses, seen, window_start = [], 0, time.perf_counter()
     metrics: dict = {}
     epoch = start_epoch
+    data_wait, step_end = 0.0, time.perf_counter()
     while step < total_steps:
-        for batch in train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True, device=device):
+        for batch in train_shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size, drop_last=True, device=device
+        ):
+            data_wait += time.perf_counter() - step_end  # time the step waited for input
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss, extra = model(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -187,9 +205,13 @@ def train_loop_per_worker(config: dict) -> None:
             last = step >= total_steps
             should_eval = cfg.train.eval_every and step % cfg.train.eval_every == 0
             if step % cfg.train.log_every == 0 and rank == 0:
-                rate = seen / (time.perf_counter() - window_start)
-                print(f"[{job}] step {step}/{total_steps} loss {np.mean(losses[-cfg.train.log_every:]):.4f} "
-                      f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.0f} img/s", flush=True)
+                elapsed = time.perf_counter() - window_start
+                print(
+                    f"[{job}] step {step}/{total_steps} loss {np.mean(losses[-cfg.train.log_every :]):.4f} "
+                    f"lr {scheduler.get_last_lr()[0]:.2e} {seen / elapsed:.0f} img/s "
+                    f"data wait {100 * data_wait / elapsed:.0f}%",
+                    flush=True,
+                )
             if should_eval or last:
                 metrics = {
                     "step": step,
@@ -203,10 +225,11 @@ def train_loop_per_worker(config: dict) -> None:
                 }
                 if val_shard is not None and rank == 0:
                     metrics.update(evaluate(plain, val_shard, job, cfg.train.batch_size, device))
-                losses, seen, window_start = [], 0, time.perf_counter()
+                losses, seen, data_wait, window_start = [], 0, 0.0, time.perf_counter()
                 report(metrics, plain, optimizer, cfg, job, config, step, epoch, rank, last)
             if last:
                 break
+            step_end = time.perf_counter()
         epoch += 1
 
 
@@ -260,7 +283,9 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
     global_batch = cfg.train.batch_size * cfg.train.workers
     steps_per_epoch = rows // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"train.batch_size: {global_batch} rows per step is more than the {rows} rows of data")
+        raise ValueError(
+            f"train.batch_size: {global_batch} rows per step is more than the {rows} rows of data"
+        )
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     backbone = create_backbone(cfg.model.name, cfg.model.kwargs)  # also checks name and kwargs
     pre = preprocessing_config(backbone, cfg.data.image_size)
@@ -293,10 +318,16 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=()):
     # Their progress bars would interleave with the workers' progress lines: off.
     ray.data.DataContext.get_current().enable_progress_bars = False
     train = read_dataset(cfg.data.train, cfg.data.limit)
-    datasets = {"train": train.map_batches(preprocess_batch, fn_kwargs={"pre": pre, "mode": mode})}
+    # Small batches: a worker's first step waits for one batch, not for a 1,024-image block.
+    batch = cfg.train.batch_size
+    datasets = {
+        "train": train.map_batches(preprocess_batch, batch_size=batch, fn_kwargs={"pre": pre, "mode": mode})
+    }
     if cfg.data.val:
         val = read_dataset(cfg.data.val)
-        datasets["val"] = val.map_batches(preprocess_batch, fn_kwargs={"pre": pre, "mode": "eval"})
+        datasets["val"] = val.map_batches(
+            preprocess_batch, batch_size=batch, fn_kwargs={"pre": pre, "mode": "eval"}
+        )
     storage_root = storage.normalize(cfg.run.storage)
     return TorchTrainer(
         train_loop_per_worker,

@@ -52,3 +52,43 @@ def digits_data(tmp_path_factory) -> tuple[str, str]:
     from system.data import digits_dataset
 
     return digits_dataset(str(tmp_path_factory.mktemp("digits")))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(ray_local, tmp_path_factory):
+    """`repforge quickstart` run once, for real, as a user runs it (a subprocess of the CLI).
+
+    It joins the session's Ray instance (RAY_ADDRESS), as a job joins a cluster; later
+    tests check its artifacts. Returns (storage root, completed process).
+    """
+    import subprocess
+    import sys
+
+    storage = tmp_path_factory.mktemp("quickstart")
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "system.cli",
+            "quickstart",
+            "--storage",
+            str(storage),
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+        env=env,
+    )
+    return storage, done

@@ -10,8 +10,17 @@ import pytest
 from system.cli import build_parser, main
 
 SUBCOMMANDS = [
-    ["data", "ingest"], ["data", "info"], ["pretrain"], ["finetune"], ["sweep"], ["embed"],
-    ["index", "build"], ["index", "search"], ["index", "eval"], ["serve"], ["quickstart"],
+    ["data", "ingest"],
+    ["data", "info"],
+    ["pretrain"],
+    ["finetune"],
+    ["sweep"],
+    ["embed"],
+    ["index", "build"],
+    ["index", "search"],
+    ["index", "eval"],
+    ["serve"],
+    ["quickstart"],
 ]
 
 
@@ -30,15 +39,30 @@ BAD_INPUTS = {
     "bad --set": (["pretrain", "--set", "train.lr"], "train.lr"),
     "missing config": (["pretrain", "--config", "/nonexistent.yaml"], "--config"),
     "missing train data": (["pretrain", "--set", "data.train=/nonexistent"], "data.train"),
-    "unknown model": (["pretrain", "--config", "configs/quickstart.yaml", "--set", "model.name=nope"], "model.name"),
-    "unknown objective": (["pretrain", "--config", "configs/quickstart.yaml", "--set", "objective.name=x"], "objective.name"),
-    "unknown method": (["finetune", "--config", "configs/quickstart.yaml", "--set", "finetune.method=x"], "finetune.method"),
+    "unknown model": (
+        ["pretrain", "--config", "configs/quickstart.yaml", "--set", "model.name=nope"],
+        "model.name",
+    ),
+    "unknown objective": (
+        ["pretrain", "--config", "configs/quickstart.yaml", "--set", "objective.name=x"],
+        "objective.name",
+    ),
+    "unknown method": (
+        ["finetune", "--config", "configs/quickstart.yaml", "--set", "finetune.method=x"],
+        "finetune.method",
+    ),
     "targets match nothing": (
         ["finetune", "--config", "configs/quickstart.yaml", "--set", "finetune.target_modules=zzz"],
         "finetune.target_modules",
     ),
-    "missing init": (["finetune", "--config", "configs/quickstart.yaml", "--set", "model.init=/nope"], "model.init"),
-    "bad sweep space": (["sweep", "--config", "configs/quickstart.yaml", "--set", "sweep.space={train.lr: {bogus: 1}}"], "train.lr"),
+    "missing init": (
+        ["finetune", "--config", "configs/quickstart.yaml", "--set", "model.init=/nope"],
+        "model.init",
+    ),
+    "bad sweep space": (
+        ["sweep", "--config", "configs/quickstart.yaml", "--set", "sweep.space={train.lr: {bogus: 1}}"],
+        "train.lr",
+    ),
     "embed missing model": (["embed", "--model", "/nope", "--data", "/nope", "--out", "/tmp/x"], "/nope"),
     "index missing embeddings": (["index", "build", "--embeddings", "/nope", "--out", "/tmp/x"], "/nope"),
     "index search no query": (["index", "search", "--index", "/nope"], "--id"),
@@ -72,7 +96,9 @@ def test_module_entry_point_exit_code():
     """`python -m system.cli` (what `ray job submit` runs) has the same contract."""
     done = subprocess.run(
         [sys.executable, "-m", "system.cli", "pretrain", "--set", "train.nope=1"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 2
     assert done.stderr.strip() == "repforge: error: train.nope: unknown key"

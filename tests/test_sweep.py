@@ -1,11 +1,12 @@
 """tune.space and tune.sweep: search-space validation, and a real 2-trial sweep on digits.
 
-    .venv/bin/python -m pytest -q tests/test_sweep.py
+.venv/bin/python -m pytest -q tests/test_sweep.py
 """
 
 from __future__ import annotations
 
 import csv
+import time
 
 import pytest
 from ray import tune
@@ -54,7 +55,7 @@ def test_empty_space_is_an_error():
 
 def test_valid_space_becomes_tune_domains():
     space = {
-        "train.lr": {"loguniform": [1e-4, 1e-2]},
+        "train.lr": {"loguniform": ["1e-4", "1e-2"]},  # as YAML reads 1e-4
         "train.weight_decay": {"uniform": [0.0, 0.1]},
         "finetune.rank": {"choice": [2, 4]},
         "train.batch_size": {"grid": [16, 32]},
@@ -64,21 +65,34 @@ def test_valid_space_becomes_tune_domains():
     }
     tried = validate_space(build_config(base_tree(**space)))
     assert tried["train.warmup_steps"] == [0, 4] and tried["finetune.dropout"] == [0.1]
+    assert tried["train.lr"] == [1e-4, 1e-2]
     domains = tune_space(space)
-    assert isinstance(domains["train.lr"], tune.search.sample.Float)
+    assert isinstance(domains["train.lr"], tune.search.sample.Float) and domains["train.lr"].upper == 1e-2
     assert isinstance(domains["finetune.rank"], tune.search.sample.Categorical)
     assert isinstance(domains["train.warmup_steps"], tune.search.sample.Integer)
     assert domains["train.batch_size"] == {"grid_search": [16, 32]}
     assert domains["finetune.dropout"] == 0.1
 
 
-def test_sweep_metric_needs_validation_data(digits_data):
+def test_sweep_is_checked_before_ray_starts(digits_data, tmp_path):
     from tune.sweep import run_sweep
 
-    train_uri, _ = digits_data
-    cfg = build_config({**base_tree(**{"train.lr": {"choice": [0.01]}}), "data": {"train": train_uri}})
-    with pytest.raises(ConfigError, match="sweep.metric: val_acc"):
-        run_sweep(cfg)
+    train_uri, test_uri = digits_data
+    tree = {
+        **base_tree(**{"train.lr": {"choice": [0.01]}}),
+        "data": {"train": train_uri},
+        "run": {"storage": str(tmp_path), "name": "sw"},
+    }
+    with pytest.raises(ConfigError, match="sweep.metric: val_acc is measured on data.val"):
+        run_sweep(build_config(tree))
+    tree["data"]["val"] = test_uri
+    with pytest.raises(ConfigError, match="no sweep to resume"):
+        run_sweep(build_config(tree), resume=True)
+    (tmp_path / "sw").mkdir()
+    with pytest.raises(ConfigError, match="sweep folder exists"):
+        run_sweep(build_config(tree))
+    with pytest.raises(ConfigError, match="--resume needs the name"):
+        run_sweep(build_config({**tree, "run": {"storage": str(tmp_path)}}), resume=True)
 
 
 @pytest.mark.slow
@@ -90,8 +104,15 @@ def test_two_trial_finetune_sweep_on_digits(ray_local, digits_data, tmp_path, ca
         "data": {"train": train_uri, "val": test_uri, "image_size": 32, "limit": 512},
         "model": {"name": "test_resnet", "kwargs": {}},
         "finetune": {"method": "lora"},
-        "train": {"workers": 2, "cpus_per_worker": 0.5, "batch_size": 32, "max_steps": 12, "eval_every": 4,
-                  "lr": 3e-3, "log_every": 4},
+        "train": {
+            "workers": 2,
+            "cpus_per_worker": 0.5,
+            "batch_size": 32,
+            "max_steps": 12,
+            "eval_every": 4,
+            "lr": 3e-3,
+            "log_every": 4,
+        },
         "run": {"storage": str(tmp_path / "runs"), "name": "sw"},
         "sweep": {
             "num_samples": 2,
@@ -109,12 +130,17 @@ def test_two_trial_finetune_sweep_on_digits(ray_local, digits_data, tmp_path, ca
     with open(folder / "leaderboard.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
-    assert {"trial_id", "status", "train.lr", "finetune.rank", "val_acc", "trainable_params", "steps"} <= set(rows[0])
+    columns = {"trial_id", "status", "train.lr", "finetune.rank", "val_acc", "trainable_params", "steps"}
+    assert columns <= set(rows[0])
+    # Finished trials rank first (best first); one ASHA stopped early would come after them.
     assert rows[0]["status"] == "DONE" and int(rows[0]["steps"]) == 12
+    assert {r["status"] for r in rows} <= {"DONE", "STOPPED"}
+    done = [float(r["val_acc"]) for r in rows if r["status"] == "DONE"]
+    assert done == sorted(done, reverse=True)
     scores = [float(r["val_acc"]) for r in rows]
-    assert scores == sorted(scores, reverse=True)
     assert {r["finetune.rank"] for r in rows} <= {"2", "4"}
-    assert "val_acc" in capsys.readouterr().out  # the table was printed
+    printed = capsys.readouterr().out
+    assert all(r["trial_id"] in printed for r in rows)  # the table went to the terminal too
 
     best = load_config(folder / "best.yaml")
     assert best.train.lr == pytest.approx(float(rows[0]["train.lr"]))
@@ -124,9 +150,11 @@ def test_two_trial_finetune_sweep_on_digits(ray_local, digits_data, tmp_path, ca
     meta = read_meta(str(folder / "best" / "model"))
     assert meta["metrics"]["val_acc"] == pytest.approx(scores[0])
     assert meta["config"]["finetune"]["rank"] == best.finetune.rank
+    for row in rows:
+        assert (folder / "trials" / row["trial_id"] / "metrics.jsonl").is_file()
 
-    # A finished sweep cannot be started again under the same name, only resumed.
-    with pytest.raises(ConfigError, match="sweep folder exists"):
-        run_sweep(cfg, job="finetune")
-    with pytest.raises(ConfigError, match="no sweep to resume"):
-        run_sweep(build_config({**tree, "run": {**tree["run"], "name": "other"}}), resume=True)
+    # Every trial gave its CPUs back, including one that ASHA may have stopped mid-run.
+    deadline = time.monotonic() + 30
+    while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ray_local.available_resources().get("CPU", 0) == 2

@@ -30,8 +30,18 @@ def _domain(value: Any) -> tuple[str, list] | None:
     if isinstance(value, dict) and len(value) == 1:
         name, args = next(iter(value.items()))
         if isinstance(args, list):
-            return str(name), args
+            return str(name), [_number(a) for a in args] if ARITY.get(name) else args
     return None
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; bounds are meant as numbers."""
+    for kind in (int, float):
+        try:
+            return kind(value) if isinstance(value, str) else value
+        except ValueError:
+            pass
+    return value
 
 
 def _check(key: str, name: str, args: list) -> list:
@@ -42,7 +52,8 @@ def _check(key: str, name: str, args: list) -> list:
         if not args:
             raise ConfigError(f"sweep.space.{key}: {name} needs at least one value")
         return args
-    if len(args) != ARITY[name] or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+    numbers = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    if len(args) != ARITY[name] or not numbers:
         raise ConfigError(f"sweep.space.{key}: {name} needs two numbers [lo, hi], got {args}")
     lo, hi = args
     if lo >= hi:

@@ -18,12 +18,16 @@ import csv
 import io
 import math
 import os
+import re
+import tempfile
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import ray
 import yaml
 from ray import tune
+from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from system import storage
 from system.config import ConfigError, JobConfig, build_config, set_dotted
@@ -46,8 +50,64 @@ def sweep_trial(config: dict, base: dict, job: str, sweep_name: str) -> None:
     set_dotted(tree, "run.name", f"{sweep_name}/trials/{trial_id}")
     cfg = build_config(tree)
     plan = plan_run(cfg, job)
-    callbacks = [TuneReportCallback(), MetricsLogger(cfg.run.storage, plan["run_name"])]
-    build_trainer(cfg, job, plan, callbacks=callbacks).fit()
+    handoff = _handoff_path(trial_id)
+    logger = MetricsLogger(cfg.run.storage, plan["run_name"])  # {sweep}/trials/{id}/metrics.jsonl
+    callbacks = [TuneReportCallback(), logger, _Handoff(str(handoff))]
+    _RUNNING.add(trial_id)
+    try:
+        build_trainer(cfg, job, plan, callbacks=callbacks).fit()
+    except Exception:
+        if trial_id not in _STOPPING:  # an abort we asked for is not a failure
+            raise
+    finally:
+        _RUNNING.discard(trial_id)
+        handoff.unlink(missing_ok=True)
+
+
+# When a scheduler stops a trial, Tune ends the trial's actor and with it the Train
+# controller it owns; the Train workers' placement group (their CPUs) would stay reserved
+# until Ray Train's cleaner notices, which takes the dashboard's state API. So a stopping
+# trial aborts its Train run first, through the controller's actor handle, which the
+# controller leaves in a file (Ray Train places the controller on the trial's node).
+_RUNNING: set[str] = set()
+_STOPPING: set[str] = set()
+
+
+def _handoff_path(trial_id: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"repforge-train-controller-{os.getpid()}-{trial_id}"
+
+
+class _Handoff(ControllerCallback):
+    """Runs in the Train controller: leaves its actor handle where its trial finds it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_controller_start(self, train_run_context) -> None:
+        Path(self.path).write_bytes(ray.cloudpickle.dumps(ray.get_runtime_context().current_actor))
+
+
+def _abort_train_run(trial_id: str) -> None:
+    path = _handoff_path(trial_id)
+    if trial_id not in _RUNNING or not path.exists():
+        return
+    _STOPPING.add(trial_id)
+    try:
+        ray.get(ray.cloudpickle.loads(path.read_bytes()).abort.remote(), timeout=60)
+    except Exception:  # noqa: S110 - the controller exits while answering
+        pass
+
+
+def _trial_trainable(fn):
+    """The function trainable for `fn`, whose cleanup (Tune's stop) aborts the trial's Train run."""
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    class SweepTrial(wrap_function(fn)):
+        def cleanup(self):
+            _abort_train_run(self.trial_id)
+            super().cleanup()
+
+    return SweepTrial
 
 
 def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> str:
@@ -70,11 +130,15 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
 
-    trainable = tune.with_parameters(sweep_trial, base=cfg.model_dump(), job=job, sweep_name=name)
+    trainable = _trial_trainable(
+        tune.with_parameters(sweep_trial, base=cfg.model_dump(), job=job, sweep_name=name)
+    )
     # The driver function only waits on its Train run: the CPUs go to the workers and Ray Data.
     # (Tune refuses an empty request, so it asks for some memory instead of a CPU.)
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": DRIVER_MEMORY})
     reports = _reports_per_trial(plan["total_steps"], cfg.train.eval_every)
+    if reports == 1:
+        print("[sweep] each trial reports once (train.eval_every is 0 or large): ASHA cannot stop any early")
     if resume:
         tuner = tune.Tuner.restore(tune_uri, trainable=trainable, resume_errored=True)
     else:
@@ -86,7 +150,10 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
                 mode=cfg.sweep.mode,
                 num_samples=cfg.sweep.num_samples,
                 scheduler=ASHAScheduler(
-                    grace_period=min(cfg.sweep.grace_period, reports), max_t=reports, reduction_factor=2
+                    grace_period=min(cfg.sweep.grace_period, reports),
+                    max_t=reports,
+                    reduction_factor=2,
+                    stop_last_trials=False,  # a finished trial ends on its own, cleanly
                 ),
                 max_concurrent_trials=cfg.sweep.max_concurrent or _max_concurrent(cfg),
             ),
@@ -99,14 +166,17 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
             ),
         )
     grid = tuner.fit()
+    if not _finished(tune_uri, _expected_trials(cfg)):
+        print(f"[sweep] {name} interrupted; continue it with --resume (same run.name)", flush=True)
+        raise KeyboardInterrupt
     rows = leaderboard(grid, cfg, job)
     _write_text(storage.join(sweep_uri, "leaderboard.csv"), _to_csv(rows))
     print(f"\n[sweep] {name}: {len(rows)} trials, best first by {cfg.sweep.metric} ({cfg.sweep.mode})")
     print(format_table(rows), flush=True)
-    best = next((r for r in rows if _finite(r[cfg.sweep.metric])), None)
+    best = next((r for r in rows if _finite(r[cfg.sweep.metric]) and r["status"] != "ERROR"), None)
     if best is None:
-        raise RuntimeError(f"sweep {name}: no trial reported {cfg.sweep.metric}; see {sweep_uri}/leaderboard.csv")
-    result = next(r for r in grid if r.metrics.get("trial_id") == best["trial_id"])
+        raise RuntimeError(f"sweep {name}: no trial reported {cfg.sweep.metric} (see {sweep_uri})")
+    result = next(r for r in grid if _trial_id(r) == best["trial_id"])
     best_tree = _with_overrides(cfg.model_dump(mode="json"), result.config["overrides"])
     set_dotted(best_tree, "run.name", f"{name}-best")
     _write_text(storage.join(sweep_uri, "best.yaml"), yaml.safe_dump(best_tree, sort_keys=False))
@@ -136,7 +206,7 @@ def leaderboard(grid, cfg: JobConfig, job: str) -> list[dict]:
             status = "DONE" if steps is not None and steps >= planned else "STOPPED"
         rows.append(
             {
-                "trial_id": metrics.get("trial_id") or os.path.basename(str(result.path)),
+                "trial_id": _trial_id(result),
                 "status": status,
                 **{key: overrides.get(key) for key in cfg.sweep.space},
                 cfg.sweep.metric: metrics.get(cfg.sweep.metric),
@@ -144,9 +214,20 @@ def leaderboard(grid, cfg: JobConfig, job: str) -> list[dict]:
                 "steps": steps,
             }
         )
-    sign = -1 if cfg.sweep.mode == "max" else 1
-    rows.sort(key=lambda r: (not _finite(r[cfg.sweep.metric]), sign * (r[cfg.sweep.metric] or 0)))
+    # Finished trials first: a stopped trial's metric comes from fewer steps, and it left no model.
+    sign, order = (-1 if cfg.sweep.mode == "max" else 1), {"DONE": 0, "STOPPED": 1, "ERROR": 2}
+    metric = cfg.sweep.metric
+    rows.sort(key=lambda r: (order[r["status"]], not _finite(r[metric]), sign * (r[metric] or 0)))
     return rows
+
+
+def _trial_id(result) -> str:
+    """From the last report, or for a trial that never reported, from its folder's name."""
+    if result.metrics and result.metrics.get("trial_id"):
+        return result.metrics["trial_id"]
+    name = os.path.basename(str(result.path))
+    match = re.search(r"_([0-9a-f]{5}_\d{5})_", name)
+    return match.group(1) if match else name
 
 
 def format_table(rows: list[dict]) -> str:
@@ -176,6 +257,17 @@ def _with_overrides(base: dict, overrides: dict) -> dict:
     for key, value in overrides.items():
         set_dotted(tree, key, value)
     return tree
+
+
+def _expected_trials(cfg: JobConfig) -> int:
+    grids = [spec["grid"] for spec in cfg.sweep.space.values() if isinstance(spec, dict) and "grid" in spec]
+    return cfg.sweep.num_samples * math.prod(len(values) for values in grids)
+
+
+def _finished(tune_uri: str, expected: int) -> bool:
+    """Tune turns Ctrl+C into an early, normal return; its saved state tells the two apart."""
+    trials = tune.ExperimentAnalysis(tune_uri).trials
+    return len(trials) >= expected and all(t.status in ("TERMINATED", "ERROR") for t in trials)
 
 
 def _check_metric(cfg: JobConfig, job: str) -> None:

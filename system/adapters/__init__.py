@@ -9,8 +9,8 @@ folder)` writing the small adapter-only artifact. Adding one: a new file with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 ADAPTERS: dict[str, AdapterMethod] = {}
 

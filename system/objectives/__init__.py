@@ -24,7 +24,9 @@ def register_objective(name: str):
 
 def get_objective(name: str) -> type:
     if name not in OBJECTIVES:
-        raise ValueError(f"objective.name: unknown objective {name!r} (known: {', '.join(sorted(OBJECTIVES))})")
+        raise ValueError(
+            f"objective.name: unknown objective {name!r} (known: {', '.join(sorted(OBJECTIVES))})"
+        )
     return OBJECTIVES[name]
 
 

@@ -1,0 +1,108 @@
+"""`ray job submit` of a tiny pretrain against a real Ray head started here on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head --block` in its own process group; the group is killed afterwards."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    gcs_port, dashboard_port = free_port(), free_port()
+    head = subprocess.Popen(
+        [
+            str(ray_bin),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs_port}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+        ],
+        stdout=open(tmp_path / "head.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{address}/api/version", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
+            time.sleep(1)
+        else:
+            pytest.fail("the Ray head did not come up in 120 s")
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_ray_job_submit_pretrain(ray_head, digits_data, tmp_path):
+    train_uri, test_uri = digits_data
+    ray_bin = Path(sys.executable).with_name("ray")
+    command = [
+        str(ray_bin),
+        "job",
+        "submit",
+        "--address",
+        ray_head,
+        "--",
+        sys.executable,
+        "-m",
+        "system.cli",
+        "pretrain",
+        "--config",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        "--set",
+        f"data.train={train_uri}",
+        "--set",
+        f"data.val={test_uri}",
+        "--set",
+        "data.limit=256",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.batch_size=32",
+        "--set",
+        f"run.storage={tmp_path / 'runs'}",
+        "--set",
+        "run.name=submitted",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=420, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    expected = str(tmp_path / "runs" / "submitted" / "model")
+    assert (Path(expected) / "model.json").is_file()
+    # The job's own last line is the artifact URI (before the submit tool's closing status lines).
+    job_lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert expected in job_lines, done.stdout[-2000:]
