@@ -96,7 +96,9 @@ def run_quickstart(
     finetuned = run_training(load_config(PRESET, [*ft, "run.name=quickstart/finetune"]), "finetune")
 
     _stage("sweep: 2 trials, ASHA over lr and LoRA rank")
-    sweep_uri = run_sweep(load_config(PRESET, [*ft, "run.name=quickstart/sweep"]), job="finetune")
+    # Shorter trials that report every epoch, so ASHA can stop the weaker one early.
+    trial = ["train.epochs=3", "train.eval_every=11", "run.name=quickstart/sweep"]
+    sweep_uri = run_sweep(load_config(PRESET, [*ft, *trial]), job="finetune")
 
     _stage("embed: Ray Data actor pool")
     model_uri = finetuned["model"]
