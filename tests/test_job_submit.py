@@ -14,6 +14,8 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# A throwaway head on loopback: no token auth (the submit below runs without a token).
+HEAD_ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "disabled"}
 pytestmark = pytest.mark.slow
 
 
@@ -44,13 +46,16 @@ def ray_head(tmp_path):
         stdout=open(tmp_path / "head.log", "w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env=HEAD_ENV,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{address}/api/version", timeout=2).status_code == 200:
+                # Any answer means the dashboard is up (401 when Ray's token auth is on;
+                # `ray job submit` finds the token by itself).
+                if httpx.get(f"{address}/api/version", timeout=2).status_code < 500:
                     break
             except httpx.HTTPError:
                 pass
@@ -60,11 +65,21 @@ def ray_head(tmp_path):
             pytest.fail("the Ray head did not come up in 120 s")
         yield address
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_process_group(head)
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM the head's process group, then SIGKILL whatever of it is left (gcs, raylet...)."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    time.sleep(2)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def test_ray_job_submit_pretrain(ray_head, digits_data, tmp_path):
@@ -98,8 +113,7 @@ def test_ray_job_submit_pretrain(ray_head, digits_data, tmp_path):
         "--set",
         "run.name=submitted",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=420, cwd=ROOT, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=420, cwd=ROOT, env=HEAD_ENV)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     expected = str(tmp_path / "runs" / "submitted" / "model")
     assert (Path(expected) / "model.json").is_file()
