@@ -37,7 +37,8 @@ def ray_local():
     """A real local Ray instance with 2 CPUs, shared by every test that needs Ray."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    # address="local": always a new instance, never one that `ray start` left behind.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

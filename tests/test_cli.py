@@ -82,8 +82,11 @@ def _at_project_root(monkeypatch):
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_is_one_line_exit_2(case, capsys):
+def test_bad_input_is_one_line_exit_2(case, capsys, digits_data):
     argv, named = BAD_INPUTS[case]
+    if "--config" in argv and "configs/quickstart.yaml" in argv:
+        # Real data, so that each case fails on the key it names and not on a missing dataset.
+        argv = [*argv, "--set", f"data.train={digits_data[0]}", "--set", f"data.val={digits_data[1]}"]
     assert main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()

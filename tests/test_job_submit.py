@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +32,9 @@ def ray_head(tmp_path):
     """`ray start --head --block` in its own process group; the group is killed afterwards."""
     ray_bin = Path(sys.executable).with_name("ray")
     gcs_port, dashboard_port = free_port(), free_port()
+    # Its own temp dir: `ray start` records "the current cluster" there, and a record in
+    # /tmp/ray would make every later plain ray.init() on this machine try to join it.
+    temp_dir = tempfile.mkdtemp(prefix="rf-", dir="/tmp")
     head = subprocess.Popen(
         [
             str(ray_bin),
@@ -42,6 +47,7 @@ def ray_head(tmp_path):
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
+            f"--temp-dir={temp_dir}",
         ],
         stdout=open(tmp_path / "head.log", "w"),
         stderr=subprocess.STDOUT,
@@ -66,6 +72,7 @@ def ray_head(tmp_path):
         yield address
     finally:
         stop_process_group(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def stop_process_group(process: subprocess.Popen) -> None:
