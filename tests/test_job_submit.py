@@ -120,7 +120,11 @@ def test_ray_job_submit_pretrain(ray_head, digits_data, tmp_path):
         "--set",
         "run.name=submitted",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=420, cwd=ROOT, env=HEAD_ENV)
+    for _attempt in range(6):  # the head's job agent registers a few seconds after the dashboard
+        done = subprocess.run(command, capture_output=True, text=True, timeout=420, cwd=ROOT, env=HEAD_ENV)
+        if "No available agent to submit job" not in done.stdout + done.stderr:
+            break
+        time.sleep(5)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     expected = str(tmp_path / "runs" / "submitted" / "model")
     assert (Path(expected) / "model.json").is_file()
