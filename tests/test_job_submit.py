@@ -48,6 +48,12 @@ def ray_head(tmp_path):
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
             f"--temp-dir={temp_dir}",
+            # The session's Ray instance already holds the default agent ports on this machine.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
         ],
         stdout=open(tmp_path / "head.log", "w"),
         stderr=subprocess.STDOUT,
