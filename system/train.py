@@ -262,6 +262,8 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
     """Everything checked and derived on the driver before any Ray work starts."""
     if not cfg.data.train:
         raise ValueError("data.train: a training dataset is required")
+    if cfg.train.strategy == "fsdp":  # FSDP2 comes with the sharded-pretraining work
+        raise ValueError("train.strategy: fsdp is not implemented yet; use ddp")
     if cfg.model.init:
         try:
             read_meta(cfg.model.init)  # fails here, not in every worker

@@ -55,6 +55,10 @@ BAD_INPUTS = {
         ["finetune", "--config", "configs/quickstart.yaml", "--set", "finetune.target_modules=zzz"],
         "finetune.target_modules",
     ),
+    "fsdp not yet": (
+        ["pretrain", "--config", "configs/quickstart.yaml", "--set", "train.strategy=fsdp"],
+        "fsdp",
+    ),
     "missing init": (
         ["finetune", "--config", "configs/quickstart.yaml", "--set", "model.init=/nope"],
         "model.init",
