@@ -93,7 +93,10 @@ def run_quickstart(
 
     _stage("finetune: LoRA + linear head")
     ft = [*data, *common, f"model.init={pretrained['model']}", "objective.name=supervised"]
-    finetuned = run_training(load_config(PRESET, [*ft, "run.name=quickstart/finetune"]), "finetune")
+    # A higher lr than pretraining: only the LoRA factors and the fresh head train.
+    finetuned = run_training(
+        load_config(PRESET, [*ft, "train.lr=0.005", "run.name=quickstart/finetune"]), "finetune"
+    )
 
     _stage("sweep: 2 trials, ASHA over lr and LoRA rank")
     # Shorter trials that report every epoch, so ASHA can stop the weaker one early.
