@@ -26,7 +26,11 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
 
-bench: $(VENV)/.installed
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PIP) install -q -e '.[test,bench]' $(QUIET)
+	touch $@
+
+bench: $(VENV)/.bench-installed
 	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done
 
 lint: $(VENV)/.installed

@@ -59,14 +59,28 @@ class ModelConfig(Section):
 
 
 class ObjectiveConfig(Section):
-    name: str = Field("simclr", description="training objective: simclr | supervised")
+    name: str = Field("simclr", description="training objective: simclr | supervised | rotation | mae")
     temperature: float = Field(0.2, gt=0, description="NT-Xent temperature (simclr)")
     proj_dim: int = Field(128, ge=1, description="projection head output size (simclr)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing (supervised)")
+    mask_ratio: float = Field(0.75, gt=0, lt=1, description="share of patches masked (mae)")
+    matryoshka_dims: list[int] = Field(
+        default_factory=list,
+        description="nested embedding prefixes each trained on their own, e.g. [32, 64, 128]; [] = off",
+    )
+
+    @model_validator(mode="after")
+    def _dims_increasing(self):
+        dims = self.matryoshka_dims
+        if any(d < 1 for d in dims) or dims != sorted(set(dims)):
+            raise ValueError("matryoshka_dims must be positive and strictly increasing")
+        return self
 
 
 class FinetuneConfig(Section):
-    method: str = Field("lora", description="adaptation method: lora | full | linear")
+    method: str = Field(
+        "lora", description="adaptation method: full | linear | norm | lora | dora | pissa | svfit"
+    )
     rank: int = Field(8, ge=1, le=1024, description="adapter rank (lora)")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; none = 2 x rank")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
@@ -74,6 +88,13 @@ class FinetuneConfig(Section):
         None, description="regex of module names to adapt; none = the model family's default"
     )
     head_lr_scale: float = Field(10.0, gt=0, description="learning-rate multiplier for the new head")
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="per-module ranks by module-name regex, overriding `rank`"
+    )
+    energy: float | None = Field(
+        0.99, gt=0, le=1, description="svfit: keep the fewest singular values holding this energy share"
+    )
+    balanced_sampling: bool = Field(False, description="sample classes equally often (imbalanced data)")
 
 
 class TrainConfig(Section):
@@ -82,15 +103,23 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     epochs: int | None = Field(None, ge=1, description="passes over the training data")
     lr: float = Field(1e-3, gt=0, le=10, description="peak learning rate")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
+    optimizer: Literal["adamw", "sgd", "lars"] = Field("adamw", description="optimizer: adamw | sgd | lars")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum (sgd, lars)")
+    weight_decay: float = Field(0.05, ge=0, description="weight decay (not applied to norms and biases)")
+    grad_clip: float | None = Field(1.0, gt=0, description="clip the gradient norm to this; none = off")
+    accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     warmup_steps: int = Field(0, ge=0, description="linear warmup steps before cosine decay")
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="data parallelism: ddp | fsdp")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="data parallelism: ddp | fsdp (FSDP2)")
+    activation_checkpointing: bool = Field(False, description="fsdp: recompute block activations")
+    compile: bool = Field(False, description="torch.compile each block (GPU)")
+    cpu_offload: bool = Field(False, description="fsdp: keep parameters and optimizer state on the CPU")
     use_gpu: bool | None = Field(None, description="one GPU per worker; none = when the cluster has GPUs")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
     log_every: int = Field(10, ge=1, description="report metrics every N steps")
     eval_every: int = Field(0, ge=0, description="evaluate and report every N steps (0 = at the end only)")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0 = at the end only)")
     max_failures: int = Field(0, ge=0, description="restarts from the last checkpoint after a worker dies")
+    keep_last: int | None = Field(2, ge=1, description="checkpoints kept (the newest); none = all")
 
     @model_validator(mode="after")
     def _length_given(self):
@@ -114,6 +143,10 @@ class SweepConfig(Section):
     mode: Literal["max", "min"] = Field("max", description="maximise or minimise the metric")
     max_concurrent: int | None = Field(None, ge=1, description="concurrent trials; none = from cluster CPUs")
     grace_period: int = Field(1, ge=1, description="ASHA: reports before a trial may be stopped")
+    scheduler: Literal["asha", "pbt", "fifo"] = Field("asha", description="trial scheduler: asha | pbt | fifo")
+    search: Literal["random", "grid", "optuna", "optuna_mo"] = Field(
+        "random", description="search algorithm; optuna_mo = maximise metric, minimise trainable params"
+    )
 
 
 class JobConfig(Section):
