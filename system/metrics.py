@@ -25,3 +25,15 @@ def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:
     singular = torch.linalg.svdvals(features.float())
     p = singular / (singular.sum() + eps) + eps
     return torch.exp(-(p * p.log()).sum()).item()
+
+
+def alignment(z1: torch.Tensor, z2: torch.Tensor) -> float:
+    """Alignment (Wang & Isola, 2020): mean squared distance of normalised positive pairs (lower: better)."""
+    z1, z2 = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
+    return (z1 - z2).norm(dim=-1).pow(2).mean().item()
+
+
+def uniformity(features: torch.Tensor, t: float = 2.0) -> float:
+    """Uniformity (Wang & Isola, 2020): log mean Gaussian potential over pairs (lower is better)."""
+    z = F.normalize(features.float(), dim=-1)
+    return torch.pdist(z).pow(2).mul(-t).exp().mean().log().item()

@@ -12,8 +12,8 @@ publishes under `{run.storage}/{run.name}/`.
 from __future__ import annotations
 
 import json
-import math
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -29,14 +29,15 @@ from torch import nn
 
 from system import storage
 from system.adapters import count_parameters, get_adapter
+from system.checkpoint import full_model_state, load_checkpoint, save_checkpoint
 from system.config import JobConfig
 from system.data import count_rows, read_classes, read_dataset
-from system.metrics import knn_accuracy, rankme
+from system.metrics import knn_accuracy, rankme, uniformity
 from system.models import Embedder, create_backbone, load_backbone_weights, read_meta, write_artifact
-from system.objectives import get_objective
+from system.objectives import get_objective, nested_dims
+from system.optim import build_optimizer, cosine_with_warmup
+from system.parallel import gradient_sync, parallelize, residual_blocks, unwrap
 from system.transforms import preprocess_batch, preprocessing_config
-
-STATE = "state.pt"
 
 
 class TrainModule(nn.Module):
@@ -63,29 +64,6 @@ def build_model(cfg: JobConfig, job: str, num_classes: int) -> TrainModule:
     return TrainModule(backbone, objective)
 
 
-def build_optimizer(module: TrainModule, cfg: JobConfig, job: str) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on norms and biases; the fresh head of a fine-tune gets a larger lr."""
-    head_scale = cfg.finetune.head_lr_scale if job == "finetune" else 1.0
-    groups: dict[tuple[float, float], list] = {}
-    for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
-        decay = 0.0 if param.ndim <= 1 else cfg.train.weight_decay
-        lr = cfg.train.lr * (head_scale if name.startswith("objective.") else 1.0)
-        groups.setdefault((lr, decay), []).append(param)
-    return torch.optim.AdamW([{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()])
-
-
-def cosine_with_warmup(optimizer, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def train_mode(module: nn.Module) -> None:
     """module.train(), except batch norms whose weights are frozen keep their running stats.
 
@@ -101,38 +79,51 @@ def train_mode(module: nn.Module) -> None:
 
 @torch.no_grad()
 def evaluate(module: TrainModule, val_shard, job: str, batch_size: int, device) -> dict:
-    """Validation metrics on the full val set: accuracy (fine-tune) or kNN + RankMe (pretrain)."""
+    """Validation metrics on the full val set: kNN top-1, RankMe, uniformity; accuracy for fine-tunes.
+
+    Under FSDP every rank runs it in lockstep (the forward all-gathers parameters) and the
+    root's own parameters are gathered explicitly, since the heads run outside its forward.
+    """
     module.eval()
-    features, labels, correct = [], [], 0
+    sharded = hasattr(module, "unshard")
+    if sharded:
+        module.unshard()
+    features, labels, correct, correct5 = [], [], 0, 0
     for batch in val_shard.iter_torch_batches(batch_size=batch_size, device=device):
         embedding = module.backbone(batch["image"])
         if job == "finetune":
-            correct += (module.objective.head(embedding).argmax(-1) == batch["label"].long()).sum().item()
+            logits = module.objective.head(embedding)
+            target = batch["label"].long()
+            correct += (logits.argmax(-1) == target).sum().item()
+            top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            correct5 += (top5 == target[:, None]).any(-1).sum().item()
         features.append(nn.functional.normalize(embedding.float(), dim=-1).cpu())
         if "label" in batch:
             labels.append(batch["label"].cpu())
+    if sharded:
+        module.reshard()
     train_mode(module)
     if not features:
         return {}
     feats = torch.cat(features)
-    metrics = {"rankme": rankme(feats)}
+    metrics = {"rankme": rankme(feats), "val_uniformity": uniformity(feats[:2048])}
     if labels:
         labels = torch.cat(labels).long()
         metrics["knn_acc"] = knn_accuracy(feats, labels, k=20)
         if job == "finetune":
             metrics["val_acc"] = correct / len(labels)
+            metrics["val_top5"] = correct5 / len(labels)
     return metrics
 
 
-def save_state(folder: Path, module: TrainModule, optimizer, step: int, epoch: int) -> None:
-    torch.save(
-        {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch},
-        folder / STATE,
-    )
+def export_artifacts(folder: Path, state: dict, cfg: JobConfig, job: str, meta: dict, num_classes: int):
+    """Write the finished artifacts into a checkpoint folder: model/ and, for fine-tunes, adapter/.
 
-
-def export_artifacts(folder: Path, module: TrainModule, cfg: JobConfig, job: str, meta: dict) -> None:
-    """Write the finished artifacts into a checkpoint folder: model/ and, for fine-tunes, adapter/."""
+    `state` is the full (unsharded) state dict; it is loaded into a fresh unwrapped module,
+    so DDP and FSDP runs export the same way.
+    """
+    module = build_model(cfg, job, num_classes)
+    module.load_state_dict(state)
     backbone = module.backbone
     head = getattr(module.objective, "head", None)
     if job == "finetune":
@@ -151,6 +142,45 @@ def export_artifacts(folder: Path, module: TrainModule, cfg: JobConfig, job: str
     write_artifact(folder / "model", embedder, meta)
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Window:
+    """Throughput and time split between waiting for data and computing, since the last report."""
+
+    def __init__(self):
+        self.start = self.step_end = time.perf_counter()
+        self.data_wait, self.images, self.steps, self.losses = 0.0, 0, 0, []
+
+    def metrics(self, world: int) -> dict:
+        elapsed = time.perf_counter() - self.start
+        return {
+            "loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+            "images_per_s": self.images * world / elapsed,
+            "images_per_s_worker": self.images / elapsed,
+            "step_time_s": elapsed / max(1, self.steps),
+            "data_wait_share": self.data_wait / elapsed,
+        }
+
+
+def fault_injected(config: dict, step: int, rank: int, world: int, resumed: bool) -> bool:
+    """Test hook: REPFORGE_FAIL_AT_STEP=N on the driver kills the last rank at step N, once.
+
+    "Once": only in an attempt that did not start from a checkpoint, so the restarted run
+    (which resumes from one) goes past step N.
+    """
+    if config.get("fail_at_step") == step and rank == world - 1 and not resumed:
+        # Ray Train's controller collects reports by polling workers (every 2 s): a crash
+        # right after a report loses that report and its checkpoint. Wait it out, so the
+        # test knows which checkpoint the restart must resume from.
+        time.sleep(5)
+        return True
+    return False
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     cfg = JobConfig.model_validate(config["cfg"])
@@ -163,88 +193,113 @@ def train_loop_per_worker(config: dict) -> None:
 
     module = build_model(cfg, job, len(classes))
     trainable, total = count_parameters(module)
-    optimizer = build_optimizer(module, cfg, job)
+    if device.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)
+    model = parallelize(module, cfg.train, device)
+    plain = unwrap(model)
+    train_mode(plain)
+    head_scale = cfg.finetune.head_lr_scale if job == "finetune" else 1.0
+    optimizer = build_optimizer(plain, cfg.train, head_scale)
     total_steps = config["total_steps"]
     scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_steps, total_steps)
-    step, start_epoch = 0, 0
+    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "world": world}
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # restart after a worker failure, or a resumed run
+    if checkpoint:  # restart after a worker failure, or a resumed run (maybe on another world size)
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=False)
-        module.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, start_epoch = state["step"], state["epoch"]
-        for _ in range(step):
-            scheduler.step()
-    model = ray.train.torch.prepare_model(module)  # moves to device, wraps in DDP when world > 1
-    plain = model.module if hasattr(model, "module") else model
-    train_mode(plain)
+            progress = load_checkpoint(Path(folder), model, optimizer)
+        scheduler.load_state_dict(progress["scheduler"])
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
-    use_amp = device.type == "cuda"
-    losses, seen, window_start = [], 0, time.perf_counter()
-    metrics: dict = {}
-    epoch = start_epoch
-    data_wait, step_end = 0.0, time.perf_counter()
+    evaluates = val_shard is not None and (rank == 0 or cfg.train.strategy == "fsdp")
+    use_amp = device.type == "cuda" and cfg.train.strategy == "ddp"  # FSDP2 has its own bf16 policy
+    accumulation = cfg.train.accumulation_steps
+    step, epoch = progress["step"], progress["epoch"]
+    # Batches this worker skips on resume: the ones the run had consumed in this epoch.
+    skip = progress["batch_in_epoch"] * progress["world"] // world
+    window, micro = Window(), 0
     while step < total_steps:
+        batch_in_epoch = 0
         for batch in train_shard.iter_torch_batches(
             batch_size=cfg.train.batch_size, drop_last=True, device=device
         ):
-            data_wait += time.perf_counter() - step_end  # time the step waited for input
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            batch_in_epoch += 1
+            if batch_in_epoch <= skip:
+                continue
+            window.data_wait += time.perf_counter() - window.step_end
+            micro += 1
+            sync = micro % accumulation == 0
+            with gradient_sync(model, sync), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
                 loss, extra = model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+                (loss / accumulation).backward()
+            window.losses.append(loss.item())
+            window.images += cfg.train.batch_size
+            window.step_end = time.perf_counter()
+            if not sync:
+                continue
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.train.grad_clip)
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
-            losses.append(loss.item())
-            seen += cfg.train.batch_size * world
+            window.steps += 1
+            if fault_injected(config, step, rank, world, checkpoint is not None):
+                os._exit(1)  # a hard crash: no cleanup, no report
             last = step >= total_steps
-            should_eval = cfg.train.eval_every and step % cfg.train.eval_every == 0
+            should_eval = last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
+            should_save = last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
             if step % cfg.train.log_every == 0 and rank == 0:
-                elapsed = time.perf_counter() - window_start
+                w = window.metrics(world)
+                recent = np.mean(window.losses[-cfg.train.log_every :])
                 print(
-                    f"[{job}] step {step}/{total_steps} loss {np.mean(losses[-cfg.train.log_every :]):.4f} "
-                    f"lr {scheduler.get_last_lr()[0]:.2e} {seen / elapsed:.0f} img/s "
-                    f"data wait {100 * data_wait / elapsed:.0f}%",
+                    f"[{job}] step {step}/{total_steps} loss {recent:.4f} "
+                    f"lr {scheduler.get_last_lr()[0]:.2e} {w['images_per_s']:.0f} img/s "
+                    f"data wait {100 * w['data_wait_share']:.0f}%",
                     flush=True,
                 )
-            if should_eval or last:
+            if should_eval or should_save:
                 metrics = {
                     "step": step,
                     "epoch": epoch,
-                    "loss": float(np.mean(losses)),
+                    **window.metrics(world),
                     "lr": scheduler.get_last_lr()[0],
-                    "images_per_s": seen / (time.perf_counter() - window_start),
                     "trainable_params": trainable,
                     "total_params": total,
+                    "peak_memory_mb": peak_memory_mb(device),
                     **{k: float(v) for k, v in extra.items()},
                 }
-                if val_shard is not None and rank == 0:
+                if evaluates and should_eval:
                     metrics.update(evaluate(plain, val_shard, job, cfg.train.batch_size, device))
-                losses, seen, data_wait, window_start = [], 0, 0.0, time.perf_counter()
-                report(metrics, plain, optimizer, cfg, job, config, step, epoch, rank, last)
+                progress = {
+                    "step": step,
+                    "epoch": epoch,
+                    "batch_in_epoch": batch_in_epoch,
+                    "world": world,
+                    "scheduler": scheduler.state_dict(),
+                }
+                report(metrics, model, optimizer, progress, config, rank, should_save, last)
+                window = Window()
             if last:
                 break
-            step_end = time.perf_counter()
-        epoch += 1
+        else:  # the epoch ran out (not a break): the next one starts from its beginning
+            epoch += 1
+            skip = 0
 
 
-def report(metrics, module, optimizer, cfg, job, config, step, epoch, rank, final) -> None:
-    """ray.train.report from every rank; rank 0 attaches the checkpoint (state + artifacts)."""
-    keep = final or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
-    if rank != 0 or not keep:
+def report(metrics, model, optimizer, progress, config, rank, save, final) -> None:
+    """ray.train.report from every rank; checkpoints are collective (each rank saves its shard)."""
+    if not save:
         ray.train.report(metrics)
         return
+    state = full_model_state(model) if final else None  # collective: gathers FSDP shards
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        save_state(folder, module, optimizer, step, epoch)
-        if final:
+        save_checkpoint(folder, model, optimizer, progress, rank)
+        if final and rank == 0:
+            cfg, job = JobConfig.model_validate(config["cfg"]), config["job"]
             meta = {**config["meta"], "metrics": metrics, "job": job}
-            export_artifacts(folder, module, cfg, job, meta)
+            export_artifacts(folder, state, cfg, job, meta, len(config["classes"]))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -262,8 +317,6 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
     """Everything checked and derived on the driver before any Ray work starts."""
     if not cfg.data.train:
         raise ValueError("data.train: a training dataset is required")
-    if cfg.train.strategy == "fsdp":  # FSDP2 comes with the sharded-pretraining work
-        raise ValueError("train.strategy: fsdp is not implemented yet; use ddp")
     if cfg.model.init:
         try:
             read_meta(cfg.model.init)  # fails here, not in every worker
@@ -282,15 +335,19 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
         raise ValueError(f"data.train: fine-tuning needs labelled data with class names ({cfg.data.train})")
     if cfg.data.val and not storage.exists(cfg.data.val):
         raise storage.StorageError(f"data.val: no such dataset: {cfg.data.val}")
-    global_batch = cfg.train.batch_size * cfg.train.workers
+    global_batch = cfg.train.batch_size * cfg.train.workers * cfg.train.accumulation_steps
     steps_per_epoch = rows // global_batch
     if steps_per_epoch == 0:
         raise ValueError(
-            f"train.batch_size: {global_batch} rows per step is more than the {rows} rows of data"
+            f"train.batch_size: {global_batch} rows per step (batch size x workers x accumulation) "
+            f"is more than the {rows} rows of data"
         )
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     backbone = create_backbone(cfg.model.name, cfg.model.kwargs)  # also checks name and kwargs
     pre = preprocessing_config(backbone, cfg.data.image_size)
+    nested_dims(cfg.objective, backbone.num_features)  # Matryoshka dims must fit the embedding
+    if cfg.train.strategy == "fsdp":
+        residual_blocks(backbone)  # a model FSDP cannot shard block by block fails here
     if job == "finetune":
         get_adapter(cfg.finetune.method).apply(backbone, cfg.finetune)  # e.g. targets that match nothing
     run_name = cfg.run.name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -299,7 +356,7 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
         "timm_kwargs": cfg.model.kwargs,
         "preprocessing": pre,
         "classes": classes,
-        "matryoshka_dims": [],
+        "matryoshka_dims": cfg.objective.matryoshka_dims,
         "config": cfg.model_dump(),
         "init": cfg.model.init,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -340,6 +397,7 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=()):
             "total_steps": plan["total_steps"],
             "meta": plan["meta"],
             "has_val": bool(cfg.data.val),
+            "fail_at_step": int(os.environ.get("REPFORGE_FAIL_AT_STEP", 0)) or None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.workers,
@@ -350,7 +408,7 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=()):
             name=plan["run_name"],
             storage_path=storage.join(storage_root, "_ray"),
             callbacks=list(callbacks),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets=datasets,

@@ -8,6 +8,8 @@ line below, one row in tests/test_objectives.py.
 
 from __future__ import annotations
 
+from torch import nn
+
 OBJECTIVES: dict[str, type] = {}
 
 
@@ -30,4 +32,38 @@ def get_objective(name: str) -> type:
     return OBJECTIVES[name]
 
 
-from system.objectives import simclr, supervised  # noqa: E402,F401  (fills the registry)
+def nested_dims(cfg, embed_dim: int) -> list[int]:
+    """Matryoshka prefixes to train, ending with the full embedding (`objective.matryoshka_dims`)."""
+    too_big = [d for d in cfg.matryoshka_dims if d > embed_dim]
+    if too_big:
+        raise ValueError(
+            f"objective.matryoshka_dims: {too_big[0]} is larger than the model's embedding ({embed_dim})"
+        )
+    return [d for d in cfg.matryoshka_dims if d < embed_dim] + [embed_dim]
+
+
+class PrefixHeads(nn.Module):
+    """One head per nested prefix of the embedding (Matryoshka, Kusupati et al., 2022).
+
+    `make_head(d)` builds the head for a d-dimensional prefix. Summing the objective over
+    prefixes trains every prefix to be an embedding on its own; with no Matryoshka dims
+    there is one head, on the full embedding.
+    """
+
+    def __init__(self, dims: list[int], make_head):
+        super().__init__()
+        self.dims = dims
+        self.heads = nn.ModuleList(make_head(d) for d in dims)
+
+    def forward(self, embedding):
+        return [(d, head(embedding[:, :d])) for d, head in zip(self.dims, self.heads)]
+
+
+def sum_over_prefixes(terms: list[tuple[int, object]], extra: dict):
+    """Total loss = sum of the per-prefix losses; each term is also reported (`loss_d{dim}`)."""
+    if len(terms) > 1:
+        extra.update({f"loss_d{d}": loss.detach() for d, loss in terms})
+    return sum(loss for _, loss in terms), extra
+
+
+from system.objectives import rotation, simclr, supervised  # noqa: E402,F401  (fills the registry)

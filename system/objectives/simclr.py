@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from system.objectives import register_objective
+from system.metrics import alignment, uniformity
+from system.objectives import PrefixHeads, nested_dims, register_objective, sum_over_prefixes
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -51,11 +52,18 @@ class SimCLR(nn.Module):
     def __init__(self, embed_dim: int, cfg, num_classes: int = 0):
         super().__init__()
         self.temperature = cfg.temperature
-        self.projector = nn.Sequential(
-            nn.Linear(embed_dim, embed_dim), nn.ReLU(inplace=True), nn.Linear(embed_dim, cfg.proj_dim)
+        self.projectors = PrefixHeads(
+            nested_dims(cfg, embed_dim),
+            lambda d: nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, cfg.proj_dim)),
         )
 
     def forward(self, backbone: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        z1 = self.projector(backbone(batch["view1"]))
-        z2 = self.projector(backbone(batch["view2"]))
-        return nt_xent(z1, z2, self.temperature), {}
+        h1, h2 = backbone(batch["view1"]), backbone(batch["view2"])
+        terms = [
+            (d, nt_xent(z1, z2, self.temperature))
+            for (d, z1), (_, z2) in zip(self.projectors(h1), self.projectors(h2))
+        ]
+        # Alignment and uniformity of this batch's embeddings: cheap, and they show
+        # collapse (uniformity near 0) long before kNN accuracy does.
+        extra = {"alignment": alignment(h1.detach(), h2.detach()), "uniformity": uniformity(h1.detach())}
+        return sum_over_prefixes(terms, extra)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from system.objectives import register_objective
+from system.objectives import PrefixHeads, nested_dims, register_objective, sum_over_prefixes
 
 
 @register_objective("supervised")
@@ -22,11 +22,16 @@ class Supervised(nn.Module):
         if num_classes < 2:
             raise ValueError("objective.name: supervised needs a labelled dataset with 2+ classes")
         self.label_smoothing = cfg.label_smoothing
-        self.head = nn.Linear(embed_dim, num_classes)
+        self.classifiers = PrefixHeads(nested_dims(cfg, embed_dim), lambda d: nn.Linear(d, num_classes))
+
+    @property
+    def head(self) -> nn.Linear:
+        """The full-embedding classifier: the head of the exported model."""
+        return self.classifiers.heads[-1]
 
     def forward(self, backbone: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits = self.head(backbone(batch["image"]))
+        outputs = self.classifiers(backbone(batch["image"]))
         labels = batch["label"].long()
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        accuracy = (logits.argmax(-1) == labels).float().mean()
-        return loss, {"train_acc": accuracy.detach()}
+        terms = [(d, F.cross_entropy(lg, labels, label_smoothing=self.label_smoothing)) for d, lg in outputs]
+        accuracy = (outputs[-1][1].argmax(-1) == labels).float().mean()
+        return sum_over_prefixes(terms, {"train_acc": accuracy.detach()})
