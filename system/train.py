@@ -450,6 +450,10 @@ class MetricsLogger(UserCallback):
     def __init__(self, storage_root: str, run_name: str):
         self.uri = storage.join(storage.normalize(storage_root), run_name, "metrics.jsonl")
         self.lines: list[str] = []
+        fs, path = storage.filesystem(self.uri)
+        if fs.get_file_info(path).type.name == "File":  # a resumed run continues the file
+            with fs.open_input_stream(path) as stream:
+                self.lines = stream.read().decode().splitlines()
 
     def after_report(self, run_context, metrics, checkpoint):
         self.lines.append(json.dumps({"time": time.time(), **metrics[0]}, default=float))

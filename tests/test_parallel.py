@@ -1,0 +1,200 @@
+"""Distributed training math checked against the single-process result, on CPU with gloo.
+
+Real torch.distributed process groups (2 processes, gloo) without Ray: the sharding
+and loss code is what runs inside the Ray Train workers (tests/test_train.py runs it
+there end to end).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from system.checkpoint import full_model_state, load_checkpoint, save_checkpoint
+from system.config import ObjectiveConfig, TrainConfig
+from system.objectives.simclr import SimCLR, nt_xent
+from system.parallel import apply_fsdp, residual_blocks
+
+WORLD = 2
+STEPS = 3
+
+
+def spawn(fn, world: int, *args) -> None:
+    """Run fn(rank, world, *args) in `world` gloo processes; any failure fails the test."""
+    # A file rendezvous, not a TCP port: no race with other processes for a free port.
+    with tempfile.TemporaryDirectory() as tmp:
+        store = f"file://{tmp}/rendezvous"
+        mp.spawn(_init_and_run, args=(world, store, fn, args), nprocs=world, join=True)
+
+
+def _init_and_run(rank, world, store, fn, args):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def tiny_vit() -> nn.Module:
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=0)
+
+
+class Module(nn.Module):
+    """Backbone + SimCLR objective, the shape of system.train.TrainModule."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = tiny_vit()
+        self.objective = SimCLR(self.backbone.num_features, ObjectiveConfig(proj_dim=16))
+
+    def forward(self, batch):
+        return self.objective(self.backbone, batch)
+
+
+def global_batches(steps: int = STEPS, n: int = 8) -> list[dict]:
+    gen = torch.Generator().manual_seed(1)
+    return [{k: torch.randn(n, 3, 32, 32, generator=gen) for k in ("view1", "view2")} for _ in range(steps)]
+
+
+def local_part(batch: dict, rank: int, world: int) -> dict:
+    return {k: v.chunk(world)[rank] for k, v in batch.items()}
+
+
+def train_steps(model, batches, rank, world) -> list[float]:
+    """SGD steps (deterministic, no optimizer state to compare); returns the global loss per step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for batch in batches:
+        loss, _ = model(local_part(batch, rank, world))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        reduced = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(reduced)
+        losses.append(reduced.item() / world)
+    return losses
+
+
+def _nt_xent_worker(rank, world, out):
+    gen = torch.Generator().manual_seed(3)
+    z1, z2 = torch.randn(8, 16, generator=gen), torch.randn(8, 16, generator=gen)
+    local1 = z1.chunk(world)[rank].clone().requires_grad_()
+    loss = nt_xent(local1, z2.chunk(world)[rank], temperature=0.5)
+    loss.backward()
+    reduced = loss.detach().clone()
+    dist.all_reduce(reduced)
+    torch.save({"loss": reduced / world, "grad": local1.grad}, Path(out) / f"rank{rank}.pt")
+
+
+def test_distributed_nt_xent_equals_single_process(tmp_path):
+    spawn(_nt_xent_worker, WORLD, str(tmp_path))
+    gen = torch.Generator().manual_seed(3)
+    z1, z2 = torch.randn(8, 16, generator=gen), torch.randn(8, 16, generator=gen)
+    z1.requires_grad_()
+    single = nt_xent(z1, z2, temperature=0.5)
+    single.backward()
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert parts[0]["loss"].item() == pytest.approx(single.item(), rel=1e-5)
+    # The gradient of each rank's rows, scaled as DDP averages them, is the single-process gradient.
+    grads = torch.cat([p["grad"] for p in parts]) / WORLD
+    torch.testing.assert_close(grads, z1.grad, rtol=1e-4, atol=1e-6)
+
+
+def _strategy_worker(rank, world, strategy, out):
+    model = Module()
+    if strategy == "ddp":
+        model = nn.parallel.DistributedDataParallel(model)
+    else:
+        apply_fsdp(model, TrainConfig(strategy="fsdp"), torch.device("cpu"))
+    losses = train_steps(model, global_batches(), rank, world)
+    state = full_model_state(model)
+    if rank == 0:
+        torch.save({"losses": losses, "state": state}, Path(out) / f"{strategy}.pt")
+
+
+def test_fsdp_and_ddp_match_single_process(tmp_path):
+    single = Module()
+    single_losses = train_steps(single, global_batches(), 0, 1)
+    for strategy in ("ddp", "fsdp"):
+        spawn(_strategy_worker, WORLD, strategy, str(tmp_path))
+        result = torch.load(tmp_path / f"{strategy}.pt")
+        assert result["losses"] == pytest.approx(single_losses, rel=1e-4), strategy
+        for key, value in single.state_dict().items():
+            torch.testing.assert_close(result["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert single_losses[-1] < single_losses[0]  # and it learns
+
+
+def _checkpoint_worker(rank, world, phase, folder, out):
+    model = Module()
+    apply_fsdp(model, TrainConfig(strategy="fsdp"), torch.device("cpu"))
+    # SGD with momentum: optimizer state to checkpoint, and updates linear in the gradient.
+    # (Adam divides by the gradient's size: the attention key bias, whose true gradient is
+    # zero, would amplify rounding noise into differences.)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batches = global_batches(steps=4)
+    step = 0
+    if phase == "resume":
+        step = load_checkpoint(Path(folder), model, optimizer)["step"]
+    losses = []
+    for batch in batches[step:]:
+        loss, _ = model(local_part(batch, rank, world))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        step += 1
+        losses.append(loss.item())
+        if phase == "save" and step == 2:
+            save_checkpoint(Path(folder) / f"rank{rank}", model, optimizer, {"step": step}, rank)
+            break
+    state = full_model_state(model)
+    if rank == 0:
+        torch.save({"state": state, "losses": losses}, Path(out) / f"{phase}-{world}.pt")
+
+
+def test_sharded_checkpoint_resumes_on_another_world_size(tmp_path):
+    """Save at step 2 on 2 ranks (one shard file each), resume on 1 rank: same as uninterrupted."""
+    spawn(_checkpoint_worker, WORLD, "full", str(tmp_path), str(tmp_path))
+    spawn(_checkpoint_worker, WORLD, "save", str(tmp_path), str(tmp_path))
+    # Ray Train gathers every rank's checkpoint folder into one: do the same here.
+    merged = tmp_path / "merged"
+    for rank in range(WORLD):
+        for path in (tmp_path / f"rank{rank}").rglob("*"):
+            if path.is_file():
+                target = merged / path.relative_to(tmp_path / f"rank{rank}")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(path.read_bytes())
+    assert len(list((merged / "state").glob("*.distcp"))) == WORLD  # one shard per rank
+    spawn(_checkpoint_worker, 1, "resume", str(merged), str(tmp_path))
+    full = torch.load(tmp_path / f"full-{WORLD}.pt")["state"]
+    resumed = torch.load(tmp_path / "resume-1.pt")["state"]
+    for key, value in full.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,blocks",
+    [
+        ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}, 2),
+        ("test_resnet", {}, 4),
+        ("convnext_atto", {}, 4),
+    ],
+)
+def test_fsdp_finds_the_residual_blocks(name, kwargs, blocks):
+    assert len(residual_blocks(timm.create_model(name, num_classes=0, **kwargs))) == blocks
+
+
+def test_fsdp_refuses_a_model_without_blocks():
+    with pytest.raises(ValueError, match="train.strategy"):
+        residual_blocks(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten()))
