@@ -60,7 +60,8 @@ def build_model(cfg: JobConfig, job: str, num_classes: int) -> TrainModule:
         backbone = get_adapter(cfg.finetune.method).apply(backbone, cfg.finetune)
         objective = get_objective("supervised")(backbone.num_features, cfg.objective, num_classes)
     else:
-        objective = get_objective(cfg.objective.name)(backbone.num_features, cfg.objective, num_classes)
+        objective_cls = get_objective(cfg.objective.name)
+        objective = objective_cls(backbone.num_features, cfg.objective, num_classes, backbone=backbone)
     return TrainModule(backbone, objective)
 
 
@@ -345,6 +346,8 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     backbone = create_backbone(cfg.model.name, cfg.model.kwargs)  # also checks name and kwargs
     pre = preprocessing_config(backbone, cfg.data.image_size)
+    if job == "pretrain":  # builds the objective once: a mismatch with model or data fails here
+        get_objective(cfg.objective.name)(backbone.num_features, cfg.objective, len(classes), backbone=backbone)
     nested_dims(cfg.objective, backbone.num_features)  # Matryoshka dims must fit the embedding
     if cfg.train.strategy == "fsdp":
         residual_blocks(backbone)  # a model FSDP cannot shard block by block fails here

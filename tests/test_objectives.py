@@ -23,7 +23,7 @@ def tiny_backbone():
 
 
 def test_registry_has_the_objectives():
-    assert {"simclr", "supervised", "rotation"} <= set(OBJECTIVES)
+    assert {"simclr", "supervised", "rotation", "mae"} <= set(OBJECTIVES)
     with pytest.raises(ValueError, match="objective.name"):
         get_objective("nope")
 
@@ -88,3 +88,32 @@ def test_matryoshka_trains_every_prefix(name):
 def test_matryoshka_dims_larger_than_the_embedding_are_refused():
     with pytest.raises(ValueError, match="objective.matryoshka_dims"):
         get_objective("simclr")(64, ObjectiveConfig(matryoshka_dims=[32, 128]))
+
+
+def test_patchify_follows_the_patch_embedding_order():
+    """Patch k of patchify is what a stride-p convolution sees at output position k (unfold)."""
+    from system.objectives.mae import patchify
+
+    images = torch.randn(2, 3, 32, 32)
+    reference = F.unfold(images, kernel_size=8, stride=8).transpose(1, 2)  # [B, N, C*p*p], channel-major
+    ours = patchify(images, 8).reshape(2, 16, 8 * 8, 3).permute(0, 1, 3, 2).reshape(2, 16, -1)
+    torch.testing.assert_close(ours, reference)
+
+
+def test_mae_learns_to_reconstruct_and_refuses_cnns():
+    backbone = tiny_backbone()
+    objective = get_objective("mae")(backbone.num_features, ObjectiveConfig(name="mae"), backbone=backbone)
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(list(backbone.parameters()) + list(objective.parameters()), lr=1e-3)
+    losses = []
+    for _ in range(10):
+        torch.manual_seed(3)  # the same masks every step: a fixed function to minimise
+        loss, extra = objective(backbone, {"image": images})
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert extra["visible_patches"] == 4  # 25% of 16 patches
+    assert losses[-1] < 0.8 * losses[0], losses  # normalised-pixel MSE starts near 1
+    with pytest.raises(ValueError, match="objective.name: mae needs a timm VisionTransformer"):
+        get_objective("mae")(64, ObjectiveConfig(name="mae"), backbone=timm.create_model("test_resnet"))

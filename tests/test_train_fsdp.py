@@ -9,6 +9,8 @@ its last checkpoint and finish.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -67,3 +69,16 @@ def test_fsdp_run_survives_a_killed_worker_and_resumes_on_one_worker(
     steps = [line["step"] for line in read_metrics(tmp_path, "fsdp")]
     assert steps == [4, 8, 12, 16], steps  # continued from 12, not restarted from 0
     assert json.loads((tmp_path / "fsdp" / "model" / "model.json").read_text())["metrics"]["step"] == 16
+
+    # `repforge runs show` on the finished run: a table row per report and a real PNG.
+    done = subprocess.run(
+        [sys.executable, "-m", "system.cli", "runs", "show", "fsdp", "--storage", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.strip().splitlines()
+    assert out[0].split()[:3] == ["step", "epoch", "loss"] and len(out) == 1 + 4 + 1
+    assert (tmp_path / "fsdp" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out[-1].endswith("fsdp/curves.png")

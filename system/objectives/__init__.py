@@ -1,6 +1,7 @@
 """Training objectives, one file each, registered by name.
 
-An objective is an nn.Module holding its own heads (projection, classifier); its
+An objective is an nn.Module holding its own heads (projection, classifier, decoder),
+built as `cls(embed_dim, objective_cfg, num_classes, backbone=backbone)`; its
 `forward(backbone, batch)` returns the scalar loss for the local batch and a dict of
 extra metrics. Adding one: a new file with `@register_objective("name")`, one import
 line below, one row in tests/test_objectives.py.
@@ -66,4 +67,4 @@ def sum_over_prefixes(terms: list[tuple[int, object]], extra: dict):
     return sum(loss for _, loss in terms), extra
 
 
-from system.objectives import rotation, simclr, supervised  # noqa: E402,F401  (fills the registry)
+from system.objectives import mae, rotation, simclr, supervised  # noqa: E402,F401  (fills the registry)

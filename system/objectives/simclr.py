@@ -49,7 +49,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 class SimCLR(nn.Module):
     views = 2
 
-    def __init__(self, embed_dim: int, cfg, num_classes: int = 0):
+    def __init__(self, embed_dim: int, cfg, num_classes: int = 0, backbone=None):
         super().__init__()
         self.temperature = cfg.temperature
         self.projectors = PrefixHeads(

@@ -17,7 +17,7 @@ from system.objectives import PrefixHeads, nested_dims, register_objective, sum_
 class Supervised(nn.Module):
     views = 1
 
-    def __init__(self, embed_dim: int, cfg, num_classes: int = 0):
+    def __init__(self, embed_dim: int, cfg, num_classes: int = 0, backbone=None):
         super().__init__()
         if num_classes < 2:
             raise ValueError("objective.name: supervised needs a labelled dataset with 2+ classes")

@@ -1,0 +1,116 @@
+"""Pretraining overhead: `repforge pretrain` under Ray Train vs a bare single-process PyTorch loop.
+
+    .venv/bin/python benchmarks/bench_pretrain.py [--model resnet18] [--steps 30] [--batch-size 64] \
+        [--strategy ddp|fsdp] [--workers 2]
+
+Same model, objective (SimCLR), global batch and data (real CIFAR-10 from ../shared when
+present, else digits), measured in the same run:
+- repforge: Ray Train with N workers x 1 thread; decoding and augmentation run as Ray
+  Data tasks; images/s of the second half of the run (steady state: the first report
+  window includes worker start-up and the pipeline's first blocks).
+- baseline: one process with N threads, decoding + augmenting each batch in the loop.
+Prints both and the ratio, and appends a row to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from common import CIFAR10, append_row  # benchmarks/common.py (scripts run by path)
+
+
+def bare_loop_images_per_s(cfg, data: str, steps: int, threads: int) -> float:
+    """The baseline: no Ray, no DDP; the global batch in one process."""
+    import torch
+
+    from system.data import read_classes
+    from system.optim import build_optimizer
+    from system.train import build_model, train_mode
+    from system.transforms import preprocess_batch, preprocessing_config
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    module = build_model(cfg, "pretrain", len(read_classes(data)))
+    train_mode(module)
+    optimizer = build_optimizer(module, cfg.train)
+    pre = preprocessing_config(module.backbone, cfg.data.image_size)
+    batch = cfg.train.batch_size * cfg.train.workers
+    table = pq.read_table(data, columns=["image"]).slice(0, batch * (steps + 3))
+    images = table.column("image").to_pylist()
+    start = None
+    for i in range(steps + 3):
+        if i == 3:  # the first steps warm up allocators and caches
+            start = time.perf_counter()
+        views = preprocess_batch({"image": images[i * batch : (i + 1) * batch]}, pre, "ssl")
+        loss, _ = module({k: torch.from_numpy(v) for k, v in views.items()})
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def repforge_images_per_s(cfg, steps: int) -> float:
+    from system.train import run_training
+
+    run_training(cfg, "pretrain")
+    metrics = Path(cfg.run.storage) / cfg.run.name / "metrics.jsonl"
+    return json.loads(metrics.read_text().splitlines()[-1])["images_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=64, help="per worker")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
+    args = parser.parse_args()
+
+    from system.config import build_config
+    from system.data import digits_dataset
+
+    work = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
+    train = CIFAR10 / "train.parquet"
+    data = str(train) if train.is_file() else digits_dataset(str(work / "digits"))[0]
+    steps = 2 * (args.steps // 2)
+    cfg = build_config(
+        {
+            "data": {"train": data, "image_size": 32, "limit": args.batch_size * args.workers * (steps + 2)},
+            "model": {"name": args.model},
+            "objective": {"name": "simclr"},
+            "train": {
+                "workers": args.workers,
+                "batch_size": args.batch_size,
+                "max_steps": steps,
+                "strategy": args.strategy,
+                "checkpoint_every": steps // 2,  # two report windows: start-up, then steady state
+                "log_every": 5,
+                "cpus_per_worker": 1,
+            },
+            "run": {"storage": str(work / "runs"), "name": "bench"},
+        }
+    )
+    data_file = data if data.endswith(".parquet") else str(next(Path(data).glob("*.parquet")))
+    baseline = bare_loop_images_per_s(cfg, data_file, steps // 2, threads=args.workers)
+    ours = repforge_images_per_s(cfg, steps)
+    ratio = ours / baseline
+    setup = (
+        f"pretrain simclr {args.model} 32px, {args.strategy}, {args.workers} workers x 1 thread, "
+        f"global batch {args.batch_size * args.workers}, {steps} steps, steady-state half"
+    )
+    print(
+        f"{setup}\nrepforge {ours:.1f} img/s, bare loop ({args.workers} threads) {baseline:.1f} img/s, "
+        f"ratio {ratio:.2f}"
+    )
+    append_row(
+        "bench_pretrain.py", setup, f"{ours:.1f} img/s", f"{baseline:.1f} img/s bare loop", f"{ratio:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Shared by the benchmark scripts: the machine description and the RESULTS.md row format."""
+
+from __future__ import annotations
+
+import os
+import platform
+from datetime import date
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10"
+
+
+def machine() -> str:
+    """CPU count, GPU and the load average when measured (these machines are shared)."""
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    except ImportError:
+        gpu = "?"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}, load {load:.1f}"
+
+
+def append_row(script: str, setup: str, repforge: str, baseline: str, ratio: str) -> None:
+    cells = [date.today().isoformat(), script, setup, repforge, baseline, ratio, machine()]
+    with RESULTS.open("a") as out:
+        out.write("| " + " | ".join(c.replace("|", "/") for c in cells) + " |\n")
