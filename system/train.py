@@ -15,6 +15,7 @@ import json
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -258,6 +259,7 @@ def train_loop_per_worker(config: dict) -> None:
                     f"lr {scheduler.get_last_lr()[0]:.2e} {w['images_per_s']:.0f} img/s "
                     f"data wait {100 * w['data_wait_share']:.0f}%",
                     flush=True,
+                    file=sys.__stdout__,  # Ray Train's patched print would also log it: twice
                 )
             if should_eval or should_save:
                 metrics = {
@@ -347,7 +349,8 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
     backbone = create_backbone(cfg.model.name, cfg.model.kwargs)  # also checks name and kwargs
     pre = preprocessing_config(backbone, cfg.data.image_size)
     if job == "pretrain":  # builds the objective once: a mismatch with model or data fails here
-        get_objective(cfg.objective.name)(backbone.num_features, cfg.objective, len(classes), backbone=backbone)
+        objective_cls = get_objective(cfg.objective.name)
+        objective_cls(backbone.num_features, cfg.objective, len(classes), backbone=backbone)
     nested_dims(cfg.objective, backbone.num_features)  # Matryoshka dims must fit the embedding
     if cfg.train.strategy == "fsdp":
         residual_blocks(backbone)  # a model FSDP cannot shard block by block fails here
