@@ -377,6 +377,14 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=()):
     use_gpu = cfg.train.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    spare = ray.cluster_resources().get("CPU", 0) - cfg.train.workers * cfg.train.cpus_per_worker
+    if spare < 0.5:  # Ray Data's decode tasks then wait forever (unless an autoscaler adds nodes)
+        print(
+            f"[{job}] warning: {cfg.train.workers} workers x {cfg.train.cpus_per_worker} CPUs leave "
+            f"{max(spare, 0):g} of the cluster's CPUs for the input pipeline; lower train.cpus_per_worker",
+            file=sys.stderr,
+            flush=True,
+        )
     pre = plan["meta"]["preprocessing"]
     mode = "ssl" if job == "pretrain" and get_objective(cfg.objective.name).views == 2 else "eval"
     # Decoding and augmentation run as Ray Data tasks beside the workers (streaming).
