@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -21,19 +20,10 @@ from datetime import date
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from common import machine  # benchmarks/common.py (scripts run by path)
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10" / "test.parquet"
-
-
-def machine() -> str:
-    try:
-        import torch
-
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    except ImportError:
-        gpu = "?"
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}"
 
 
 def main() -> None:

@@ -1,339 +1,46 @@
-"""The repforge Ray Serve application: an HTTP ingress over the embedder and the retriever.
+"""The repforge Ray Serve application: build it, run it, swap its model and index versions.
 
     serve run deploy.yaml                                   # the config file
     repforge serve --model runs/quickstart/finetune/model --index runs/quickstart/index
     python -c "import ray; from serve.app import start_app; ray.init(); print(start_app({'model': ...}))"
 
-API (OpenAPI at /docs): POST /v1/embed, /v1/classify, /v1/search; GET /v1/health, /v1/info.
-Images come as multipart parts named `image` or JSON `{"images": [base64, ...]}`. The
-ingress validates everything (size, count, decodability, k, vectors) before any replica
-sees it, and every error leaves as `{"error": {"code", "message"}}` with a 4xx status.
+`build_app(args)` composes the graph: the HTTP ingress (serve.ingress) over a batched
+embedder, an optional separate classifier, one retriever per index shard and the live
+classes store. Which model and index each replica serves is its `user_config`, so
+`swap_versions(model=..., index=...)` (or editing `user_config` in deploy.yaml and
+`serve deploy` again) switches versions in place: no replica restarts, requests in
+flight finish on the version they started with. An index built from another model is
+refused before anything changes.
+
+`start_app` deploys through the Serve controller's config API, the same path as
+`serve deploy deploy.yaml`, so a later `swap_versions` is a config update, not a redeploy.
 """
 
-# No `from __future__ import annotations`: Serve pickles the ingress class by value, and
-# FastAPI could not resolve string annotations against the unpickled functions' globals.
+from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import json
-import threading
 import time
-from dataclasses import dataclass
 
-import numpy as np
 import ray
-from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
 
+from serve.auth import TokenError, token_sha256
+from serve.classes import ClassesDeployment
 from serve.deployments import EmbedderDeployment, RetrieverDeployment
-from serve.schemas import (
-    AppArgs,
-    ClassifyRequest,
-    ClassifyResponse,
-    EmbedRequest,
-    EmbedResponse,
-    ErrorResponse,
-    HealthResponse,
-    SearchRequest,
-    SearchResponse,
-    image_body_openapi,
-)
+from serve.ingress import RepforgeIngress
+from serve.parsing import ApiError, pydantic_message  # noqa: F401  (ApiError: part of this module's API)
+from serve.schemas import AppArgs
 from system import storage
-from system.data import check_image
-from system.index import MANIFEST_FILE, IndexInputError
+from system.index import MANIFEST_FILE
 from system.models import ModelError, read_meta
 
 APP_NAME = "repforge"
-INFO_FIELD_MAX_CHARS = 2048  # /v1/info leaves out meta fields bigger than this (configs, histories)
+IMPORT_PATH = "serve.app:build_app"
 
 
 class ServeArgsError(ValueError):
     """A bad build argument: the message is one line naming the argument."""
-
-
-class ApiError(Exception):
-    """A client error, turned into the JSON error shape by the app's exception handler."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
-
-
-def _pydantic_message(errors) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors)
-
-
-api = FastAPI(
-    title="repforge",
-    version="1",
-    description="Embed, classify and search images with a repforge model artifact and FAISS index.",
-)
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 422)}
-
-
-@api.exception_handler(ApiError)
-async def _api_error(request: Request, err: ApiError) -> JSONResponse:
-    return _error(err.status, err.code, err.message)
-
-
-@api.exception_handler(HTTPException)
-async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
-    # Routing errors (unknown path, wrong method) get the same shape as ours.
-    codes = {404: "not_found", 405: "method_not_allowed"}
-    return _error(err.status_code, codes.get(err.status_code, "http_error"), str(err.detail))
-
-
-@api.exception_handler(Exception)
-async def _internal_error(request: Request, err: Exception) -> JSONResponse:
-    # A bug, not bad input; still the same shape (Starlette logs the traceback).
-    return _error(500, "internal_error", f"internal error ({type(err).__name__}); see the server log")
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-    return _error(422, "validation_error", _pydantic_message(err.errors()))
-
-
-# -- request parsing ------------------------------------------------------------------
-
-
-@dataclass
-class ParsedQuery:
-    images: list[bytes] | None = None
-    vectors: list[list[float]] | None = None
-    ids: list[str] | None = None
-    k: int | None = None
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The whole body, refused as soon as it is known to exceed `max_bytes`."""
-    too_large = ApiError(413, "body_too_large", f"request body exceeds {max_bytes} bytes")
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > max_bytes:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():  # chunked uploads carry no content-length
-        body += chunk
-        if len(body) > max_bytes:
-            raise too_large
-    return bytes(body)
-
-
-async def parse_multipart(request: Request, body: bytes, max_images: int) -> list[bytes]:
-    async def replay():
-        yield body
-
-    parser = MultiPartParser(request.headers, replay(), max_files=max_images, max_fields=16)
-    try:
-        form = await parser.parse()
-    except MultiPartException as err:
-        if err.message.startswith("Too many files"):
-            raise ApiError(413, "too_many_images", f"at most {max_images} images per request") from None
-        raise ApiError(400, "invalid_multipart", err.message) from None
-    except ValueError as err:  # python-multipart's parse errors
-        raise ApiError(400, "invalid_multipart", str(err)) from None
-    try:
-        images = []
-        for part in form.getlist("image"):
-            if not isinstance(part, UploadFile):
-                raise ApiError(400, "invalid_image", "part 'image' must be a file (send it with a filename)")
-            images.append(await part.read())
-    finally:
-        await form.close()
-    if not images:
-        raise ApiError(422, "validation_error", "image: multipart body needs one or more parts named 'image'")
-    return images
-
-
-def decode_base64(text: str, position: int) -> bytes:
-    if text.startswith("data:"):  # data URLs, as browsers produce them
-        text = text.partition(",")[2]
-    try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, "bad_base64", f"images.{position}: not valid base64") from None
-
-
-def parse_json(body: bytes, schema) -> ParsedQuery:
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ApiError(400, "invalid_json", f"body is not valid JSON: {err}") from None
-    try:
-        request = schema.model_validate(payload)
-    except ValidationError as err:
-        raise ApiError(422, "validation_error", _pydantic_message(err.errors())) from None
-    images = getattr(request, "images", None)
-    return ParsedQuery(
-        images=[decode_base64(text, i) for i, text in enumerate(images)] if images is not None else None,
-        vectors=getattr(request, "vectors", None),
-        ids=getattr(request, "ids", None),
-        k=getattr(request, "k", None),
-    )
-
-
-async def read_query(request: Request, schema, args: AppArgs) -> ParsedQuery:
-    """Body -> validated query: within limits, every image decodable (so replicas never see a bad one)."""
-    body = await read_body(request, args.max_body_bytes)
-    if not body:
-        raise ApiError(400, "empty_body", "empty body: send multipart parts named 'image' or a JSON object")
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type == "multipart/form-data":
-        query = ParsedQuery(images=await parse_multipart(request, body, args.max_images))
-    elif media_type == "application/json" or media_type.endswith("+json"):
-        query = parse_json(body, schema)
-    else:
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            f"content type {media_type or '(none)'!r}: use multipart/form-data or application/json",
-        )
-    for name in ("images", "vectors", "ids"):
-        items = getattr(query, name)
-        if items is not None and len(items) > args.max_images:
-            raise ApiError(
-                413, f"too_many_{name}", f"{len(items)} {name}: at most {args.max_images} per request"
-            )
-    if query.images is not None:
-        # A full decode, off the event loop: truncated payloads only fail there.
-        reasons = await asyncio.to_thread(lambda: [check_image(data) for data in query.images])
-        for i, reason in enumerate(reasons):
-            if reason is not None:
-                raise ApiError(400, "invalid_image", f"image {i}: {reason}")
-    return query
-
-
-def resolve_k(body_k: int | None, query_k: int, max_k: int) -> int:
-    k = query_k if body_k is None else body_k
-    if not 1 <= k <= max_k:
-        raise ApiError(422, "invalid_k", f"k: must be between 1 and {max_k}, got {k}")
-    return k
-
-
-def query_vectors(vectors: list[list[float]], dim: int) -> np.ndarray:
-    lengths = {len(v) for v in vectors}
-    if lengths != {dim}:
-        raise ApiError(
-            422, "invalid_vector", f"vectors: every vector needs {dim} values, got {sorted(lengths)}"
-        )
-    array = np.asarray(vectors, dtype=np.float32)
-    if not np.isfinite(array).all():  # finite doubles can still overflow float32
-        raise ApiError(422, "invalid_vector", "vectors: values must be finite float32 numbers")
-    return array
-
-
-def small_fields(meta: dict | None) -> dict | None:
-    """`meta` without the fields too big for /v1/info (training configs, metrics histories)."""
-    if meta is None:
-        return None
-    kept = {k: v for k, v in meta.items() if len(json.dumps(v, default=str)) <= INFO_FIELD_MAX_CHARS}
-    return {**kept, "omitted_fields": sorted(set(meta) - set(kept))}
-
-
-def _cause(err: Exception) -> str:
-    # Errors raised in a replica arrive wrapped; the message of the original is the useful part.
-    return str(getattr(err, "cause", None) or err)
-
-
-# -- the ingress ----------------------------------------------------------------------
-
-
-@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
-@serve.ingress(api)
-class RepforgeIngress:
-    """HTTP routes; parses and validates requests, then calls the embedder / retriever handles."""
-
-    def __init__(self, embedder, classifier, retriever, args: dict, model_meta: dict, classifier_meta):
-        self.embedder, self.classifier, self.retriever = embedder, classifier, retriever
-        self.args = AppArgs.model_validate(args)
-        self.model_meta, self.classifier_meta = model_meta, classifier_meta
-        self._index_info: dict | None = None
-
-    async def index_info(self) -> dict:
-        if self._index_info is None:
-            self._index_info = await self.retriever.info.remote()
-        return self._index_info
-
-    @api.get("/v1/health", response_model=HealthResponse)
-    async def health(self) -> dict:
-        return {"status": "ok"}
-
-    @api.get("/v1/info")
-    async def info(self) -> dict:
-        """Model meta (without its large fields), the classifier's when separate, the index manifest."""
-        return {
-            "model": small_fields(self.model_meta),
-            "classifier": small_fields(self.classifier_meta),
-            "index": small_fields(await self.index_info()) if self.retriever is not None else None,
-            "limits": self.args.model_dump(exclude={"model", "index", "classifier"}),
-        }
-
-    @api.post(
-        "/v1/embed",
-        response_model=EmbedResponse,
-        responses=ERRORS,
-        openapi_extra=image_body_openapi(EmbedRequest),
-    )
-    async def embed(self, request: Request) -> dict:
-        """Embeddings of the posted images (L2-normalised when the model says so)."""
-        query = await read_query(request, EmbedRequest, self.args)
-        vectors = await self.embedder.embed.remote(query.images)
-        return {
-            "embeddings": vectors.tolist(),
-            "dim": vectors.shape[1],
-            "model": self.model_meta["fingerprint"],
-        }
-
-    @api.post(
-        "/v1/classify",
-        response_model=ClassifyResponse,
-        responses=ERRORS,
-        openapi_extra=image_body_openapi(ClassifyRequest),
-    )
-    async def classify(self, request: Request, k: int = Query(5, description="labels per image")) -> dict:
-        """Top-k class labels of the posted images, with softmax probabilities."""
-        if self.classifier is None:
-            raise ApiError(404, "no_classifier", "this app serves no model with a classification head")
-        query = await read_query(request, ClassifyRequest, self.args)
-        k = resolve_k(query.k, k, self.args.max_k)
-        return {"predictions": await self.classifier.classify.remote(query.images, k)}
-
-    @api.post(
-        "/v1/search",
-        response_model=SearchResponse,
-        responses=ERRORS,
-        openapi_extra=image_body_openapi(SearchRequest),
-    )
-    async def search(self, request: Request, k: int = Query(10, description="hits per query")) -> dict:
-        """Nearest indexed items of posted images, of query vectors, or of indexed ids."""
-        if self.retriever is None:
-            raise ApiError(404, "no_index", "this app serves no index")
-        query = await read_query(request, SearchRequest, self.args)
-        k = resolve_k(query.k, k, self.args.max_k)
-        if query.ids is not None:
-            try:
-                return {"results": await self.retriever.search_by_id.remote(query.ids, k)}
-            except IndexInputError as err:
-                raise ApiError(404, "unknown_id", _cause(err)) from None
-        if query.vectors is not None:
-            vectors = query_vectors(query.vectors, (await self.index_info())["dim"])
-        else:
-            vectors = await self.embedder.embed.remote(query.images)
-        return {"results": await self.retriever.search.remote(vectors, k)}
-
-
-# -- building and running -------------------------------------------------------------
 
 
 def parse_args(args: AppArgs | dict) -> AppArgs:
@@ -342,7 +49,7 @@ def parse_args(args: AppArgs | dict) -> AppArgs:
     try:
         return AppArgs.model_validate(args)
     except ValidationError as err:
-        raise ServeArgsError(f"serve args: {_pydantic_message(err.errors())}") from None
+        raise ServeArgsError(f"serve args: {pydantic_message(err.errors())}") from None
 
 
 def _artifact_meta(name: str, uri: str) -> dict:
@@ -352,57 +59,44 @@ def _artifact_meta(name: str, uri: str) -> dict:
         raise ServeArgsError(f"{name}: {err}") from None
 
 
-def resolve_args(args: AppArgs | dict) -> tuple[AppArgs, dict, str | None, dict | None]:
+def index_shards(cfg: AppArgs) -> list[str]:
+    if not cfg.index:
+        return []
+    return [cfg.index] if isinstance(cfg.index, str) else list(cfg.index)
+
+
+def resolve_args(args: AppArgs | dict) -> tuple[AppArgs, dict, str | None]:
     """Validate the args and read the artifacts' metadata (no Ray needed). Raises ServeArgsError.
 
-    Returns (args with absolute URIs, model meta, classifier URI or None, classifier meta or None).
+    Returns (args with absolute URIs, model meta, classifier URI or None).
     """
     cfg = parse_args(args)
-    cfg = cfg.model_copy(
-        update={
-            key: storage.normalize(getattr(cfg, key))
-            for key in ("model", "index", "classifier")
-            if getattr(cfg, key)
-        }
-    )
+    update = {
+        key: storage.normalize(getattr(cfg, key))
+        for key in ("model", "classifier", "classes")
+        if getattr(cfg, key)
+    }
+    if cfg.index:
+        shards = [storage.normalize(uri) for uri in index_shards(cfg)]
+        update["index"] = shards[0] if isinstance(cfg.index, str) else shards
+    cfg = cfg.model_copy(update=update)
     model_meta = _artifact_meta("model", cfg.model)
-    classifier_uri, classifier_meta = None, None
+    classifier_uri = None
     if cfg.classifier and cfg.classifier != cfg.model:
-        classifier_uri, classifier_meta = cfg.classifier, _artifact_meta("classifier", cfg.classifier)
-        if not classifier_meta.get("num_classes"):
+        if not _artifact_meta("classifier", cfg.classifier).get("num_classes"):
             raise ServeArgsError(f"classifier: {cfg.classifier} has no classification head")
+        classifier_uri = cfg.classifier
     elif model_meta.get("num_classes"):
         classifier_uri = cfg.model
     elif cfg.classifier:
         raise ServeArgsError(f"classifier: {cfg.classifier} has no classification head")
-    if cfg.index:
-        _check_index(cfg.index, model_meta)
-    return cfg, model_meta, classifier_uri, classifier_meta
-
-
-def build_app(args: AppArgs | dict) -> serve.Application:
-    """The application graph: ingress -> embedder (+ classifier) and retriever. Raises ServeArgsError."""
-    cfg, model_meta, classifier_uri, classifier_meta = resolve_args(args)
-
-    # Ask for a GPU only where the cluster has one; otherwise the replica would never be placed.
-    has_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-    options = {
-        "max_ongoing_requests": max(64, 2 * cfg.max_batch_size),  # room for full batches
-        "ray_actor_options": {"num_cpus": 1, **({"num_gpus": 1} if has_gpu else {})},
-    }
-    batching = {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
-    embedder = EmbedderDeployment.options(**options).bind(cfg.model, **batching)
-    classifier = None
-    if classifier_uri == cfg.model:
-        classifier = embedder
-    elif classifier_uri:
-        classifier = EmbedderDeployment.options(name="ClassifierDeployment", **options).bind(
-            classifier_uri, **batching
-        )
-    retriever = RetrieverDeployment.bind(cfg.index) if cfg.index else None
-    return RepforgeIngress.bind(
-        embedder, classifier, retriever, cfg.model_dump(), model_meta, classifier_meta
-    )
+    for uri in index_shards(cfg):
+        _check_index(uri, model_meta)
+    try:
+        token_sha256(cfg.token_file)
+    except TokenError as err:
+        raise ServeArgsError(str(err)) from None
+    return cfg, model_meta, classifier_uri
 
 
 def _check_index(uri: str, model_meta: dict) -> None:
@@ -422,7 +116,68 @@ def _check_index(uri: str, model_meta: dict) -> None:
         raise ServeArgsError(f"index: built from model {built_from}, but model {model} is served")
 
 
+def user_configs(cfg: AppArgs, classifier_uri: str | None) -> dict[str, dict]:
+    """Deployment name -> user_config: the versions each serves (what a swap changes)."""
+    configs = {"EmbedderDeployment": {"model": cfg.model}}
+    if classifier_uri and classifier_uri != cfg.model:
+        configs["ClassifierDeployment"] = {"model": classifier_uri}
+    shards = index_shards(cfg)
+    for i, uri in enumerate(shards):
+        configs[_retriever_name(i, len(shards))] = {"model": cfg.model, "index": uri}
+    return configs
+
+
+def _retriever_name(shard: int, shards: int) -> str:
+    return "RetrieverDeployment" if shards == 1 else f"RetrieverDeployment{shard}"
+
+
+def build_app(args: AppArgs | dict) -> serve.Application:
+    """The application graph: ingress -> embedder (+ classifier), retriever per shard, classes."""
+    cfg, _, classifier_uri = resolve_args(args)
+    versions = user_configs(cfg, classifier_uri)
+    # Ask for a GPU only where the cluster has one; otherwise the replica would never be placed.
+    has_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    # Bounded queues: an overloaded app answers 503 at once instead of timing out.
+    limits = {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+    }
+    model_options = {
+        **limits,
+        "health_check_period_s": 2,  # a dead replica is noticed and replaced within seconds
+        "num_replicas": cfg.embedder_replicas,
+        "ray_actor_options": {"num_cpus": cfg.replica_cpus, **({"num_gpus": 1} if has_gpu else {})},
+    }
+    batching = {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
+    embedder = EmbedderDeployment.options(user_config=versions["EmbedderDeployment"], **model_options).bind(
+        **batching
+    )
+    classifier = None
+    if classifier_uri == cfg.model:
+        classifier = embedder
+    elif classifier_uri:
+        classifier = EmbedderDeployment.options(
+            name="ClassifierDeployment", user_config=versions["ClassifierDeployment"], **model_options
+        ).bind(**batching)
+    shards = index_shards(cfg)
+    retrievers = [
+        RetrieverDeployment.options(
+            name=_retriever_name(i, len(shards)),
+            user_config=versions[_retriever_name(i, len(shards))],
+            **limits,
+        ).bind(cfg.persist_items)
+        for i in range(len(shards))
+    ]
+    classes = ClassesDeployment.bind(cfg.classes)
+    return RepforgeIngress.options(max_queued_requests=cfg.max_queued_requests).bind(
+        embedder, classifier, retrievers, classes, cfg.model_dump(), token_sha256(cfg.token_file)
+    )
+
+
+# -- running, swapping, stopping (from a driver process) -----------------------------
+
 _owns_serve = False  # whether start_app started Serve (and so stop_app shuts it down)
+_deployed: dict = {}  # the args and user_configs of the app start_app deployed
 
 
 def start_app(
@@ -433,40 +188,79 @@ def start_app(
     Waits at most `timeout_s` for the replicas and then for /v1/health to answer.
     """
     global _owns_serve
-    cfg = resolve_args(args)[0]  # before any Ray work: a bad arg or artifact fails fast
+    cfg, _, classifier_uri = resolve_args(args)  # before any Ray work: a bad arg or artifact fails fast
     if not ray.is_initialized():
         ray.init()
-    app = build_app(cfg)
     _owns_serve = _owns_serve or not serve.status().proxies
     serve.start(http_options={"host": host, "port": port})
     deadline = time.monotonic() + timeout_s
-    _deploy(app, timeout_s)
+    args = cfg.model_dump(mode="json", exclude_defaults=True)
+    _deployed.update(args=args, current=args, versions=user_configs(cfg, classifier_uri))
+    _deploy(deadline)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
     _wait_healthy(url, deadline)
     return url
 
 
-def _deploy(app: serve.Application, timeout_s: float) -> None:
-    """serve.run, bounded: it would wait forever for replicas that never get placed (too few CPUs/GPUs)."""
-    outcome: dict = {}
+def swap_versions(
+    model: str | None = None,
+    index: str | list[str] | None = None,
+    classifier: str | None = None,
+    timeout_s: float = 180.0,
+) -> dict[str, dict]:
+    """Switch the running app to another model and/or index, in place; returns the new user_configs.
 
-    def run():
-        try:
-            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        except BaseException as err:  # handed to the caller's thread
-            outcome["error"] = err
+    Raises ServeArgsError (nothing changes) for a bad artifact, an index built from another
+    model, or another number of shards (that needs start_app: new deployments).
+    """
+    if not _deployed:
+        raise ServeArgsError("no app deployed by start_app in this process")
+    old = parse_args(_deployed["current"])  # the versions of the last swap, not the first deploy
+    changes = {
+        key: value for key, value in (("model", model), ("index", index), ("classifier", classifier)) if value
+    }
+    cfg, _, classifier_uri = resolve_args(old.model_copy(update=changes))
+    versions = user_configs(cfg, classifier_uri)
+    if set(versions) != set(_deployed["versions"]):
+        raise ServeArgsError(
+            f"swap: the new versions need deployments {sorted(versions)}, the app has "
+            f"{sorted(_deployed['versions'])}; deploy it anew with start_app"
+        )
+    _deployed.update(versions=versions, current=cfg.model_dump(mode="json", exclude_defaults=True))
+    _deploy(time.monotonic() + timeout_s)
+    return versions
 
-    # A daemon thread, so a deployment that never finishes cannot keep the process alive.
-    thread = threading.Thread(target=run, name="repforge-deploy", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if "error" in outcome:
-        raise outcome["error"]
-    if thread.is_alive():
+
+def _deploy(deadline: float) -> None:
+    """Apply the app config (args + per-deployment user_config) and wait until it runs."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    config = {
+        "name": APP_NAME,
+        "route_prefix": "/",
+        "import_path": IMPORT_PATH,
+        "args": _deployed["args"],
+        "deployments": [{"name": name, "user_config": uc} for name, uc in _deployed["versions"].items()],
+    }
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [config]}))
+    while time.monotonic() < deadline:
         status = serve.status().applications.get(APP_NAME)
-        states = status.deployments if status else {}
-        detail = "; ".join(f"{name}: {d.status} {d.message}".strip() for name, d in states.items())
-        raise RuntimeError(f"the serve app was not running after {timeout_s:.0f} s ({detail})")
+        if status is not None and status.status == "RUNNING" and _settled(status):
+            return
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"the serve app failed to deploy: {status.message}")
+        time.sleep(0.25)
+    status = serve.status().applications.get(APP_NAME)
+    states = status.deployments if status else {}
+    detail = "; ".join(f"{name}: {d.status} {d.message}".strip() for name, d in states.items())
+    raise RuntimeError(f"the serve app was not running in time ({detail})")
+
+
+def _settled(status) -> bool:
+    # RUNNING is reported while an in-place update is still being applied; wait for every
+    # deployment to be HEALTHY with nothing updating.
+    return all(d.status == "HEALTHY" for d in status.deployments.values()) and bool(status.deployments)
 
 
 def _wait_healthy(url: str, deadline: float) -> None:
@@ -485,6 +279,7 @@ def _wait_healthy(url: str, deadline: float) -> None:
 def stop_app() -> None:
     """Delete the app; shut Serve down too when start_app was the one that started it."""
     global _owns_serve
+    _deployed.clear()
     if not ray.is_initialized():
         return
     if APP_NAME in serve.status().applications:

@@ -1,14 +1,20 @@
 """The compute deployments of the serve app: a batched image embedder and a FAISS retriever.
 
-They are composed behind the HTTP ingress by `serve.app:build_app`; on their own:
+They are composed behind the HTTP ingress by `serve.app:build_app`. Which model / index a
+replica serves is its `user_config` (`{"model": uri}`, `{"model": uri, "index": uri}`),
+so a new version is a config change that Serve applies in place through `reconfigure`,
+without restarting replicas. On their own:
 
-    handle = serve.run(EmbedderDeployment.bind("runs/quickstart/finetune/model"))
-    vectors = handle.embed.remote([png_bytes]).result()
+    model = {"model": "runs/quickstart/finetune/model"}
+    handle = serve.run(EmbedderDeployment.options(user_config=model).bind())
+    out = handle.embed.remote([png_bytes]).result()      # {"vectors", "model", "batches"}
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,93 +22,230 @@ from ray import serve
 
 from system.transforms import eval_transform, images_to_tensor
 
+log = logging.getLogger("ray.serve")
 
-def _images_in(items: list[torch.Tensor]) -> int:
+
+class VersionMismatch(ValueError):
+    """Vectors from one model met an index (or prototypes) built from another; retry after a swap."""
+
+
+@dataclass(frozen=True, eq=False)
+class ModelVersion:
+    """Everything one request needs from a model, taken once so a swap cannot change it midway."""
+
+    uri: str
+    model: torch.nn.Module
+    meta: dict
+    transform: object
+    class_names: list[str]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+
+def load_version(uri: str, device: str) -> ModelVersion:
+    from system.models import load_artifact
+
+    model, meta = load_artifact(uri, device)
+    names = meta.get("classes") or []
+    class_names = [names[i] if i < len(names) else str(i) for i in range(meta.get("num_classes", 0))]
+    return ModelVersion(uri, model, meta, eval_transform(meta["preprocessing"]), class_names)
+
+
+def _images_in(items: list[tuple]) -> int:
     # Batches are sized in images, not requests: one request may carry many images.
-    return sum(len(t) for t in items)
+    return sum(len(tensor) for _, tensor in items)
+
+
+def _replica_name() -> str:
+    try:
+        return serve.get_replica_context().replica_id.to_full_id_str()
+    except Exception:  # outside a replica (a plain Python call in a test)
+        return ""
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class EmbedderDeployment:
-    """Loads a model artifact once; decodes and preprocesses per request, runs the model in batches."""
+    """Loads a model artifact (user_config); decodes per request, runs the model in batches."""
 
-    def __init__(self, model_uri: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01):
-        from system.models import load_artifact
-
+    def __init__(self, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.meta = load_artifact(model_uri, self.device)
-        self.transform = eval_transform(self.meta["preprocessing"])
-        # (Named so: an attribute called `classes` makes cloudpickle drag in torch.classes.)
-        names = self.meta.get("classes") or []
-        self.class_names = [names[i] if i < len(names) else str(i) for i in range(self.meta["num_classes"])]
+        self.version: ModelVersion | None = None
         self.max_batch_size = max_batch_size
         for batched in (self._embed_batch, self._classify_batch):
             batched.set_max_batch_size(max_batch_size)
             batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    async def embed(self, images: list[bytes]) -> np.ndarray:
-        """Encoded images -> embeddings [n, d] float32."""
-        return await self._run(images, self._embed_batch)
-
-    async def classify(self, images: list[bytes], k: int) -> list[list[dict]]:
-        """Encoded images -> the top-k (label, softmax probability) of the head, per image."""
-        probs = torch.from_numpy(await self._run(images, self._classify_batch))
-        scores, indices = probs.topk(min(k, probs.shape[1]), dim=1)
-        return [
-            [{"label": self.class_names[i], "score": float(s)} for s, i in zip(row_s, row_i, strict=True)]
-            for row_s, row_i in zip(scores.tolist(), indices.tolist(), strict=True)
-        ]
-
-    async def _run(self, images: list[bytes], batched) -> np.ndarray:
-        # Decoding and resizing stay off the event loop so the batcher keeps collecting.
-        tensor = torch.from_numpy(await asyncio.to_thread(images_to_tensor, images, self.transform))
-        # A request larger than one batch is split; each chunk queues like a small request.
-        chunks = torch.split(tensor, self.max_batch_size)
-        return np.concatenate(await asyncio.gather(*(batched(chunk) for chunk in chunks)))
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_images_in)
-    async def _embed_batch(self, items: list[torch.Tensor]) -> list[np.ndarray]:
-        return await asyncio.to_thread(self._forward, items, self.model.embed)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_images_in)
-    async def _classify_batch(self, items: list[torch.Tensor]) -> list[np.ndarray]:
-        return await asyncio.to_thread(self._forward, items, lambda x: self.model.classify(x).softmax(-1))
-
-    @torch.inference_mode()
-    def _forward(self, items: list[torch.Tensor], fn) -> list[np.ndarray]:
-        batch = torch.cat(items).to(self.device)
-        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
-            out = fn(batch).float().cpu().numpy()
-        return np.split(out, np.cumsum([len(t) for t in items])[:-1])
-
-
-@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5})
-class RetrieverDeployment:
-    """Opens a FAISS index once; answers k-nearest-neighbour queries with each hit's metadata."""
-
-    def __init__(self, index_uri: str):
-        from system.index import open_index
-
-        self.index = open_index(index_uri)
+    async def reconfigure(self, config: dict) -> None:
+        """Load `config["model"]` beside the current one, then switch; requests in flight keep theirs."""
+        uri = config["model"]
+        if self.version is not None and self.version.uri == uri:
+            return
+        version = await asyncio.to_thread(load_version, uri, self.device)
+        log.info("model %s -> %s", self.version and self.version.fingerprint, version.fingerprint)
+        self.version = version
 
     def info(self) -> dict:
-        return self.index.info()
+        return {**self.version.meta, "replica": _replica_name()}
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[dict]]:
-        return self._hits(*self.index.search(vectors, k))
+    async def embed(self, images: list[bytes]) -> dict:
+        """Encoded images -> {"vectors": [n, d] float32, "model": fingerprint, "batches": [sizes]}."""
+        version = self.version
+        vectors, batches = await self._run(version, images, self._embed_batch)
+        return {"vectors": vectors, "model": version.fingerprint, "batches": batches}
 
-    def search_by_id(self, ids: list[str], k: int) -> list[list[dict]]:
-        """Neighbours of indexed items; an unknown id raises system.index.IndexInputError."""
-        return self._hits(*self.index.search_by_id(ids, k))
-
-    def _hits(self, ids: list[list[str]], scores: np.ndarray) -> list[list[dict]]:
-        # A row holds fewer ids than k when the index has fewer items; its scores are padding.
-        flat_ids = [i for row in ids for i in row]
-        metadata = iter(self.index.metadata(flat_ids) if flat_ids else [])
-        return [
-            [
-                {"id": i, "score": float(s), "metadata": next(metadata)}
-                for i, s in zip(row_ids, row_scores, strict=False)
-            ]
-            for row_ids, row_scores in zip(ids, scores, strict=True)
+    async def classify(self, images: list[bytes], k: int) -> dict:
+        """Encoded images -> the top-k (label, softmax probability) of the head, per image."""
+        version = self.version
+        if not version.class_names:
+            raise VersionMismatch(f"model {version.fingerprint} has no classification head")
+        probs, batches = await self._run(version, images, self._classify_batch)
+        scores, indices = torch.from_numpy(probs).topk(min(k, probs.shape[1]), dim=1)
+        predictions = [
+            [{"label": version.class_names[i], "score": float(s)} for s, i in zip(row_s, row_i, strict=True)]
+            for row_s, row_i in zip(scores.tolist(), indices.tolist(), strict=True)
         ]
+        return {"predictions": predictions, "model": version.fingerprint, "batches": batches}
+
+    async def _run(self, version: ModelVersion, images: list[bytes], batched) -> tuple[np.ndarray, list[int]]:
+        # Decoding and resizing stay off the event loop so the batcher keeps collecting.
+        tensor = torch.from_numpy(await asyncio.to_thread(images_to_tensor, images, version.transform))
+        # A request larger than one batch is split; each chunk queues like a small request.
+        chunks = torch.split(tensor, self.max_batch_size)
+        outs = await asyncio.gather(*(batched((version, chunk)) for chunk in chunks))
+        # Each batch's size comes back with its first item only, so it is counted once.
+        return np.concatenate([out for out, _ in outs]), [size for _, size in outs if size]
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_images_in)
+    async def _embed_batch(self, items: list[tuple]) -> list[tuple]:
+        return await asyncio.to_thread(self._forward, items, lambda v, x: v.model.embed(x))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_images_in)
+    async def _classify_batch(self, items: list[tuple]) -> list[tuple]:
+        return await asyncio.to_thread(self._forward, items, lambda v, x: v.model.classify(x).softmax(-1))
+
+    @torch.inference_mode()
+    def _forward(self, items: list[tuple], fn) -> list[tuple]:
+        # Items queued just before and after a swap may share a batch: one forward per version.
+        outs: list = [None] * len(items)
+        for version in {id(v): v for v, _ in items}.values():
+            picks = [i for i, (v, _) in enumerate(items) if v is version]
+            batch = torch.cat([items[i][1] for i in picks]).to(self.device)
+            with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
+                out = fn(version, batch).float().cpu().numpy()
+            for i, part in zip(picks, np.split(out, np.cumsum([len(items[i][1]) for i in picks])[:-1])):
+                outs[i] = part
+        return [(out, _images_in(items) if i == 0 else 0) for i, out in enumerate(outs)]
+
+
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+class RetrieverDeployment:
+    """One index (or one shard of a sharded set), from user_config {"model", "index"}.
+
+    Methods are `async` without awaits in their bodies: they run one at a time on the
+    replica's event loop, so a search never sees a half-applied add or remove. A swap keeps
+    the previous index so queries embedded by the previous model still find their match.
+    """
+
+    def __init__(self, persist: bool = True):
+        self.current, self.previous, self.refused = None, None, None
+        self.persist = persist
+
+    async def reconfigure(self, config: dict) -> None:
+        from system.index import open_index
+        from system.models import read_meta
+
+        uri = config["index"]
+        if self.current is not None and self.current.uri == uri:
+            return
+        index = await asyncio.to_thread(open_index, uri)
+        model = (await asyncio.to_thread(read_meta, config["model"])).get("fingerprint")
+        if index.fingerprint and model and index.fingerprint != model:
+            message = f"index {uri} was built from model {index.fingerprint}, but model {model} is served"
+            if self.current is None:
+                raise VersionMismatch(message)
+            # Refused: keep serving the current version rather than fail the replica.
+            log.error("refused index swap: %s", message)
+            self.refused = message
+            return
+        self.previous, self.current, self.refused = self.current, index, None
+
+    async def info(self) -> dict:
+        return {**self.current.info(), "uri": self.current.uri, "refused_swap": self.refused}
+
+    def _index_for(self, fingerprint: str | None):
+        for index in (self.current, self.previous):
+            if index is not None and (fingerprint is None or index.fingerprint in (None, fingerprint)):
+                return index
+        raise VersionMismatch(f"no index for model {fingerprint} (serving {self.current.fingerprint})")
+
+    async def search(self, vectors: np.ndarray, k: int, fingerprint: str | None = None) -> list[list[dict]]:
+        index = self._index_for(fingerprint)
+        return _hits(index, *index.search(vectors, k))
+
+    async def search_by_id(self, ids: list[str], k: int) -> list[list[dict]]:
+        """Neighbours of indexed items; an unknown id raises system.index.IndexInputError."""
+        return _hits(self.current, *self.current.search_by_id(ids, k))
+
+    async def present(self, ids: list[str]) -> list[str]:
+        """The ids of `ids` held by this shard."""
+        return [i for i in ids if _has(self.current, i)]
+
+    async def vectors(self, ids: list[str]) -> np.ndarray:
+        return self.current.reconstruct(ids)
+
+    async def upsert(
+        self, ids: list[str], vectors: np.ndarray, metadata: list[dict] | None, fingerprint: str
+    ):
+        """Add, replacing ids already held; one call, so searches see all of it or none."""
+        index = self.current
+        if index.fingerprint and index.fingerprint != fingerprint:
+            raise VersionMismatch(f"items embedded by {fingerprint}, index built from {index.fingerprint}")
+        replaced = [i for i in ids if _has(index, i)]
+        if replaced:
+            # Kept, so a rejected add (bad metadata, wrong dim) can put the old items back.
+            old = (index.reconstruct(replaced), index.metadata(replaced))
+            index.remove(replaced)
+        try:
+            index.add(ids, vectors, metadata)
+        except Exception:
+            if replaced:
+                index.add(replaced, *old)
+            raise
+        self._save()
+        return {"replaced": len(replaced), "count": len(index)}
+
+    async def remove(self, ids: list[str]) -> dict:
+        held = [i for i in ids if _has(self.current, i)]
+        if held:
+            self.current.remove(held)
+            self._save()
+        return {"removed": len(held), "count": len(self.current)}
+
+    def _save(self) -> None:
+        if self.persist:
+            self.current.save()
+
+
+def _has(index, item_id: str) -> bool:
+    from system.index import IndexInputError
+
+    try:
+        index.metadata([item_id])
+    except IndexInputError:
+        return False
+    return True
+
+
+def _hits(index, ids: list[list[str]], scores: np.ndarray) -> list[list[dict]]:
+    # A row holds fewer ids than k when the index has fewer items; its scores are padding.
+    flat_ids = [i for row in ids for i in row]
+    metadata = iter(index.metadata(flat_ids) if flat_ids else [])
+    return [
+        [
+            {"id": i, "score": float(s), "metadata": next(metadata)}
+            for i, s in zip(row_ids, row_scores, strict=False)
+        ]
+        for row_ids, row_scores in zip(ids, scores, strict=True)
+    ]

@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--factory", default="auto", help="'auto' or any FAISS index_factory string")
     build.add_argument("--metric", choices=["ip", "l2"], help="default: ip for normalised vectors, else l2")
     build.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    build.add_argument("--shards", type=int, default=1, help="sub-indexes by id hash (Ray tasks)")
+    build.add_argument("--memory-budget", help="RAM per shard for auto, e.g. 8G (default: RAM/2)")
+    build.add_argument("--on-disk", action="store_true", help="IVF inverted lists memory-mapped from disk")
+    build.add_argument(
+        "--prefix-dim", type=int, help="coarse search on the first D dims, re-rank (0 off, default auto)"
+    )
+    build.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune for")
     search = index_commands.add_parser("search", help="nearest neighbours of stored items or images")
     search.add_argument("--index", required=True, help="index folder")
     search.add_argument(
@@ -113,17 +120,27 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--image", dest="images", action="append", default=[], help="query by an image file")
     search.add_argument("--model", help="model artifact that embeds --image queries")
     search.add_argument("--k", type=int, default=10, help="neighbours per query")
+    search.add_argument("--target-recall", type=float, help="operating point (default: the build's)")
     evaluate = index_commands.add_parser("eval", help="recall against exact search, QPS, latency (JSON)")
     evaluate.add_argument("--index", required=True, help="index folder")
     evaluate.add_argument("--k", type=int, default=10, help="recall@k and search k")
     evaluate.add_argument("--queries", type=int, default=200, help="number of stored vectors used as queries")
+    evaluate.add_argument("--target-recall", type=float, help="operating point (default: the build's)")
 
     srv = commands.add_parser("serve", help="serve /v1/embed, /v1/classify, /v1/search (Ray Serve)")
     srv.add_argument("--model", required=True, help="model artifact folder")
-    srv.add_argument("--index", help="index folder for /v1/search")
+    srv.add_argument("--index", nargs="+", help="index folder for /v1/search (several: one shard each)")
     srv.add_argument("--classifier", help="model artifact with a head (default: --model if it has one)")
+    srv.add_argument("--classes", help="JSON file where live classes (POST /v1/classes) persist")
+    srv.add_argument("--token-file", help="API token file (default: $REPFORGE_API_TOKEN; neither: no auth)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on")
+
+    runs = commands.add_parser("runs", help="inspect training runs")
+    runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="SUBCOMMAND")
+    show = runs_commands.add_parser("show", help="print a run's metrics; write curves.png beside them")
+    show.add_argument("run", help="run folder, or a run name under --storage")
+    show.add_argument("--storage", default="runs", help="storage root of bare run names")
 
     quick = commands.add_parser("quickstart", help="the whole pipeline on bundled digits, in minutes")
     quick.add_argument("--storage", default="runs", help="root folder for everything it writes")
@@ -189,11 +206,26 @@ def cmd_index(args) -> str:
     from system import index
 
     if args.index_command == "build":
-        manifest = index.build_index(args.embeddings, args.out, args.factory, args.metric, args.overwrite)
+        manifest = index.build_index(
+            args.embeddings,
+            args.out,
+            args.factory,
+            args.metric,
+            args.overwrite,
+            shards=args.shards,
+            memory_budget=args.memory_budget,
+            on_disk=args.on_disk,
+            prefix_dim=args.prefix_dim,
+            target_recall=args.target_recall,
+        )
         print(f"indexed {manifest['count']} vectors ({manifest['factory']}: {manifest['reason']})")
+        print(f"search params {manifest['search_params']} for recall@10 >= {manifest['target_recall']}")
         return index.storage.normalize(args.out)
     if args.index_command == "eval":
-        print(json.dumps(index.evaluate_index(args.index, k=args.k, num_queries=args.queries), indent=2))
+        report = index.evaluate_index(
+            args.index, k=args.k, num_queries=args.queries, target_recall=args.target_recall
+        )
+        print(json.dumps(report, indent=2))
         return index.storage.normalize(args.index)
     return search_index(args, index)
 
@@ -203,7 +235,7 @@ def search_index(args, index) -> str:
         raise CliError("index search: give --id or --image (one kind of query)")
     if args.images and not args.model:
         raise CliError("index search: --image needs --model to embed it")
-    vindex = index.open_index(args.index)
+    vindex = index.open_index(args.index, args.target_recall)
     if args.ids:
         queries, (found, scores) = args.ids, vindex.search_by_id(args.ids, args.k)
     else:
@@ -239,8 +271,10 @@ def cmd_serve(args) -> str:
 
     from serve.app import start_app, stop_app
 
+    index = args.index[0] if args.index and len(args.index) == 1 else args.index
+    serve_args = {"model": args.model, "index": index, "classifier": args.classifier, "classes": args.classes}
     url = start_app(
-        {"model": args.model, "index": args.index, "classifier": args.classifier},
+        {**serve_args, "token_file": args.token_file},
         host=args.host,
         port=args.port,
     )
@@ -254,6 +288,12 @@ def cmd_serve(args) -> str:
         pass
     stop_app()
     return url
+
+
+def cmd_runs(args) -> str:
+    from system.runs import show_run
+
+    return show_run(args.run, args.storage)
 
 
 def cmd_quickstart(args) -> str:
@@ -270,6 +310,7 @@ COMMANDS = {
     "embed": cmd_embed,
     "index": cmd_index,
     "serve": cmd_serve,
+    "runs": cmd_runs,
     "quickstart": cmd_quickstart,
 }
 

@@ -81,7 +81,7 @@ class FinetuneConfig(Section):
     method: str = Field(
         "lora", description="adaptation method: full | linear | norm | lora | dora | pissa | svfit"
     )
-    rank: int = Field(8, ge=1, le=1024, description="adapter rank (lora)")
+    rank: int = Field(8, ge=1, le=1024, description="adapter rank (lora/dora/pissa; svfit if energy none)")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; none = 2 x rank")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
     target_modules: str | None = Field(
@@ -94,7 +94,9 @@ class FinetuneConfig(Section):
     energy: float | None = Field(
         0.99, gt=0, le=1, description="svfit: keep the fewest singular values holding this energy share"
     )
-    balanced_sampling: bool = Field(False, description="sample classes equally often (imbalanced data)")
+    rank_scale: float = Field(
+        1.0, gt=0, le=64, description="global rank budget: multiplies every rank (rank, rank_pattern, svfit)"
+    )
 
 
 class TrainConfig(Section):
@@ -143,9 +145,12 @@ class SweepConfig(Section):
     mode: Literal["max", "min"] = Field("max", description="maximise or minimise the metric")
     max_concurrent: int | None = Field(None, ge=1, description="concurrent trials; none = from cluster CPUs")
     grace_period: int = Field(1, ge=1, description="ASHA: reports before a trial may be stopped")
-    scheduler: Literal["asha", "pbt", "fifo"] = Field("asha", description="trial scheduler: asha | pbt | fifo")
+    scheduler: Literal["asha", "pbt", "fifo"] = Field("asha", description="trial scheduler")
     search: Literal["random", "grid", "optuna", "optuna_mo"] = Field(
         "random", description="search algorithm; optuna_mo = maximise metric, minimise trainable params"
+    )
+    rank_prior: float | None = Field(
+        None, gt=0, le=1, description="energy share for the spectrum pre-pass (sets rank_pattern); none = off"
     )
 
 

@@ -2,15 +2,32 @@
 
 Embeddings are Parquet shards with `id`, `embedding` (fixed_size_list<float32>[d]) and
 the dataset's other columns passed through (never the image bytes); schema metadata
-holds the model fingerprint, whether vectors are L2-normalised, and the class names.
+holds the model fingerprint, whether vectors are L2-normalised, the Matryoshka dims
+(comma-separated, empty when none) and the class names.
 
     repforge embed --model runs/quickstart/finetune/model --data runs/datasets/digits/test --out runs/emb
+
+One output shard per input Parquet file (`part-00007.parquet` embeds input file 7), written
+to `.<out>.partial/` beside the output as soon as all its rows are back, then the folder is
+published whole. Re-running the same job after a crash skips the shards already written
+(the folder's `_job.json` must match the model fingerprint and inputs; otherwise it starts
+over). Memory stays flat in dataset size: the driver holds only the rows of input files
+still in flight (`repforge data ingest` writes 10,000-row files).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -28,6 +45,7 @@ def embeddings_metadata(meta: dict, classes: list[str] | None = None) -> dict[st
         "normalized": "true" if meta.get("normalize", True) else "false",
         "dim": str(meta["embedding_dim"]),
         "timm_name": meta.get("timm_name", ""),
+        "matryoshka_dims": ",".join(str(int(d)) for d in meta.get("matryoshka_dims") or []),
         "classes": ",".join(classes or meta.get("classes") or []),
     }
 
@@ -84,8 +102,47 @@ class EmbedActor:
         tensor = torch.from_numpy(images_to_tensor(images, self.transform)).to(self.device)
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
             vectors = self.model.embed(tensor).float().cpu().numpy()
+        # `path` (from include_paths) tells the driver which output shard the rows belong to.
         passthrough = {name: batch.column(name) for name in batch.column_names if name not in ("id", "image")}
         return embeddings_table(batch.column("id").to_pylist(), vectors, passthrough, self.metadata)
+
+
+def _partial_dir(out_uri: str) -> Path:
+    """A fixed place per output, so a re-run finds what the crashed run wrote."""
+    if storage.is_remote(out_uri):
+        return Path(tempfile.gettempdir()) / f"repforge-embed-{zlib.crc32(out_uri.encode()):08x}.partial"
+    out = storage.local_path(out_uri)
+    return out.with_name(f".{out.name}.partial")
+
+
+def _file_rows(files: list[str], limit: int | None) -> list[int]:
+    rows, left = [], limit if limit else float("inf")
+    for path in files:
+        fs, local = storage.filesystem(path)
+        n = int(min(pq.ParquetFile(fs.open_input_file(local)).metadata.num_rows, left))
+        rows.append(n)
+        left -= n
+    return rows
+
+
+def _start_partial(partial: Path, job: dict) -> set[int]:
+    """Indexes of input files whose shards a previous run of the same job already wrote."""
+    marker = partial / "_job.json"
+    if marker.is_file() and json.loads(marker.read_text()) == job:
+        return {int(p.stem.split("-")[1]) for p in partial.glob("part-*.parquet")}
+    if partial.exists():
+        print(f"embed: {partial} is from another job; starting over", flush=True)
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    marker.write_text(json.dumps(job))
+    return set()
+
+
+def _write_shard(partial: Path, number: int, parts: list[pa.Table], metadata: dict) -> None:
+    table = pa.concat_tables(parts).replace_schema_metadata(metadata)
+    tmp = partial / f".part-{number:05d}.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, partial / f"part-{number:05d}.parquet")  # a shard is there whole or not at all
 
 
 def run_embed(
@@ -96,11 +153,15 @@ def run_embed(
     concurrency: int | None = None,
     limit: int | None = None,
     overwrite: bool = False,
+    progress_every_s: float = 10.0,
 ) -> str:
-    """Embed every row of `data_uri` with the model artifact; returns the embeddings URI."""
+    """Embed every row of `data_uri` with the model artifact; returns the embeddings URI.
+
+    Resumable: an interrupted run of the same job continues from the shards it wrote.
+    """
     import ray
 
-    from system.data import read_classes, read_dataset
+    from system.data import read_classes
     from system.models import read_meta
 
     model_uri, data_uri, out_uri = (storage.normalize(u) for u in (model_uri, data_uri, out_uri))
@@ -108,27 +169,65 @@ def run_embed(
     classes = read_classes(data_uri)
     if storage.exists(out_uri) and not overwrite:
         raise storage.StorageError(f"output exists: {out_uri} (pass --overwrite to replace it)")
-    if not ray.is_initialized():
-        ray.init()
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if concurrency is None:
-        concurrency = max(1, gpus) if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
-    ds = read_dataset(data_uri, limit=limit)
-    embedded = ds.map_batches(
-        EmbedActor,
-        fn_constructor_kwargs={"model_uri": model_uri, "classes": classes},
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_gpus=1 if gpus else 0,
-    )
-    with storage.publish_dir(out_uri, overwrite=overwrite) as staging:
-        # Shards are written by the driver so every file carries the schema metadata;
-        # the pipeline still streams (decode + inference run in the actor pool).
-        shard = 0
+    if limit is not None and limit < 1:
+        raise EmbedError(f"limit must be a positive number of rows, got {limit}")
+    files = storage.parquet_files(data_uri)
+    rows = _file_rows(files, limit)
+    partial = _partial_dir(out_uri)
+    job = {"model": meta["fingerprint"], "files": files, "rows": rows}
+    done = _start_partial(partial, job)
+    pending = [i for i, n in enumerate(rows) if n and i not in done]
+    total, skipped = sum(rows), sum(rows[i] for i in done)
+    if done:
+        print(f"embed: resuming, {len(done)} shards ({skipped} rows) already written", flush=True)
+    metadata = embeddings_metadata(meta, classes)
+    if pending:
+        if not ray.is_initialized():
+            ray.init()
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if concurrency is None:
+            concurrency = max(1, gpus) if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
+        ds = ray.data.read_parquet([files[i] for i in pending], include_paths=True)
+        if limit:  # files past the limit have rows[i] == 0; the first rows must be the first files'
+            ray.data.DataContext.get_current().execution_options.preserve_order = True
+            ds = ds.limit(sum(rows[i] for i in pending))
+        embedded = ds.map_batches(
+            EmbedActor,
+            fn_constructor_kwargs={"model_uri": model_uri, "classes": classes},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            num_gpus=1 if gpus else 0,
+        )
+        # Ray Data gives `path` without the URI scheme.
+        shard_of = {files[i].split("://")[-1]: i for i in pending}
+        buffers: dict[int, list[pa.Table]] = {i: [] for i in pending}
+        got = dict.fromkeys(pending, 0)
+        start = last = time.perf_counter()
+        embedded_rows = 0
         for table in embedded.iter_batches(batch_size=None, batch_format="pyarrow"):
-            table = table.replace_schema_metadata(embeddings_metadata(meta, classes))
-            pq.write_table(table, staging / f"part-{shard:05d}.parquet")
-            shard += 1
-    print(f"embedded {meta['fingerprint']} -> {out_uri} ({shard} shards)", flush=True)
+            paths = table.column("path")
+            for path in set(paths.to_pylist()):
+                number = shard_of[path]
+                part = table.filter(pc.equal(paths, path)).drop_columns(["path"])
+                buffers[number].append(part)
+                got[number] += len(part)
+                if got[number] == rows[number]:
+                    _write_shard(partial, number, buffers.pop(number), metadata)
+            embedded_rows += len(table)
+            if time.perf_counter() - last > progress_every_s:
+                last = time.perf_counter()
+                rate = embedded_rows / (last - start)
+                print(f"embed: {skipped + embedded_rows}/{total} rows, {rate:.0f} rows/s", flush=True)
+        if buffers:  # every file's rows came back, or Ray Data lost some: refuse to publish
+            raise RuntimeError(f"embed: rows missing for input files {sorted(buffers)}")
+        seconds = time.perf_counter() - start
+        print(
+            f"embed: {embedded_rows} rows in {seconds:.1f}s, {embedded_rows / seconds:.0f} rows/s", flush=True
+        )
+    with storage.publish_dir(out_uri, overwrite=overwrite) as staging:
+        for shard in sorted(partial.glob("part-*.parquet")):
+            shutil.move(str(shard), staging / shard.name)
+    shutil.rmtree(partial, ignore_errors=True)
+    print(f"embedded {meta['fingerprint']} -> {out_uri} ({sum(1 for n in rows if n)} shards)", flush=True)
     return out_uri

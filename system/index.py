@@ -1,79 +1,69 @@
-"""FAISS index over an embeddings dataset: build, open, search, update, evaluate.
+"""FAISS index over an embeddings dataset: open, search, update, evaluate (build: system/index_build.py).
 
-    repforge index build --embeddings runs/emb --out runs/index                # exact (Flat)
-    repforge index build --embeddings runs/emb --out runs/index --factory IVF256,Flat
+    repforge index build --embeddings runs/emb --out runs/index                # auto recipe, tuned
+    repforge index build --embeddings runs/emb --out runs/index --factory IVF256,Flat --shards 4
     repforge index eval --index runs/index
 
 An index is a folder (the Index contract in DESIGN.md), always published whole with
 `storage.publish_dir`, so a crash never leaves a half index:
 
-    index.faiss     the FAISS index (a CPU index, even when searched on a GPU)
+    index.faiss     the FAISS index (a CPU index, even when searched on a GPU); with
+                    --shards N, index-00000.faiss ... one per shard, split by id hash
+    index*.ivfdata  with --on-disk: the memory-mapped inverted lists of each shard
     ids.parquet     the id map: string `id`, int64 `faiss_id` (the label FAISS returns) and
                     the passthrough columns of the embeddings (label, ...)
-    manifest.json   dim, metric, factory and why it was chosen, count, shards, model
-                    fingerprint, normalized, classes, build seconds, faiss version, created
+    manifest.json   dim, metric, factory and why it was chosen, count, shards, prefix dim,
+                    model fingerprint, normalized, classes, build seconds, the tuned
+                    operating points and the search parameters in use, faiss version
 
 Scores: metric "ip" gives inner products (higher is better; cosine similarity for
 L2-normalised vectors), metric "l2" gives squared L2 distances (lower is better).
 Vectors are stored and searched as given, never re-normalised: queries must come from the
 same model as the index (see `check_fingerprint`), which normalises them the same way.
+Shards are searched together with faiss.IndexShards, which merges the per-shard top-k
+exactly (scatter-gather in threads).
 """
 
 from __future__ import annotations
 
 import json
-import re
+import shutil
 import time
-from collections import Counter
-from datetime import datetime, timezone
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from system import storage
-from system.embed import read_embeddings
+from system.index_recipes import (
+    IndexInputError,
+    as_matrix,
+    choose_factory,
+    faiss_reason,
+    few,
+    new_index,
+    shard_of,
+    unique_ids,
+)
+from system.index_tune import pick_point, set_search_params
+
+__all__ = [
+    "IndexInputError",
+    "VectorIndex",
+    "build_index",
+    "check_fingerprint",
+    "choose_factory",
+    "evaluate_index",
+    "new_index",
+    "open_index",
+]
 
 INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.parquet", "manifest.json"
-ADD_BATCH = 65_536  # bounds the temporary memory FAISS needs per add call
-TRAIN_SAMPLE = 100_000  # k-means / PQ training gains little from more points
-METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
-
-class IndexInputError(ValueError):
-    """A user error about an index or its input: the message is one line."""
-
-
-def _few(items) -> str:
-    items = list(items)
-    return ", ".join(map(repr, items[:5])) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
-
-
-def _faiss_reason(error: RuntimeError) -> str:
-    # FAISS messages start with a C++ signature and a source location; keep what follows.
-    return re.split(r"\.(?:cpp|h):\d+: ", str(error))[-1].strip().splitlines()[0]
-
-
-def _matrix(vectors, dim: int) -> np.ndarray:
-    try:
-        array = np.asarray(vectors, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise IndexInputError(f"vectors must be numbers with shape [n, {dim}]") from None
-    if array.ndim != 2 or array.shape[1] != dim:
-        raise IndexInputError(f"vectors must have shape [n, {dim}], got {list(array.shape)}")
-    bad = ~np.isfinite(array).all(axis=1)
-    if bad.any():
-        raise IndexInputError(f"vectors contain NaN or inf (first at row {int(np.argmax(bad))})")
-    return np.ascontiguousarray(array)
-
-
-def _unique_ids(ids) -> list[str]:
-    ids = [str(i) for i in ids]
-    if len(set(ids)) != len(ids):
-        raise IndexInputError(f"duplicate ids: {_few(i for i, n in Counter(ids).items() if n > 1)}")
-    return ids
+# Kept under their old private names for callers of the single-module version.
+_matrix, _unique_ids, _few, _faiss_reason = as_matrix, unique_ids, few, faiss_reason
 
 
 def _check_k(k) -> int:
@@ -82,114 +72,19 @@ def _check_k(k) -> int:
     return int(k)
 
 
-def choose_factory(factory: str, count: int, dim: int) -> tuple[str, str]:
-    """(FAISS factory string, reason for it). Any explicit string is used as is.
+def build_index(embeddings_uri: str, out_uri: str, *args, **kwargs) -> dict:
+    """See system.index_build.build_index (imported lazily: it imports VectorIndex from here)."""
+    from system.index_build import build_index as build
 
-    "auto" is exact search (Flat) for now. TODO(scale): choose by size and memory: Flat up to
-    ~1M vectors, HNSW32 while the vectors fit in RAM, IVF-PQ with Refine(Flat) beyond, with
-    nprobe/efSearch tuned against exact search and recorded in the manifest.
-    """
-    if factory == "auto":
-        return "Flat", f"auto: exact search for {count} vectors of dim {dim} (size-based choice: TODO)"
-    return factory, "given explicitly"
+    return build(embeddings_uri, out_uri, *args, **kwargs)
 
 
-def new_index(dim: int, factory: str, metric: str) -> faiss.Index:
-    """An empty FAISS index that stores our int64 labels, so add/remove never renumber rows."""
-    try:
-        index = faiss.index_factory(dim, factory, METRICS[metric])
-    except RuntimeError as e:
-        raise IndexInputError(f"FAISS rejects index factory {factory!r}: {_faiss_reason(e)}") from None
-    if isinstance(index, faiss.IndexIDMap):  # the factory string asked for its own id map
-        return index
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and not isinstance(index, faiss.IndexRefine):
-        # IVF keeps labels in its inverted lists; IndexIDMap2's remove assumes the inner index
-        # compacts (as Flat does), which IVF does not. A hashtable direct map gives
-        # reconstruct and remove by label instead.
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-        return index
-    return faiss.IndexIDMap2(index)
-
-
-def _train(index: faiss.Index, vectors: np.ndarray, factory: str) -> None:
-    if index.is_trained:
-        return
-    if len(vectors) > TRAIN_SAMPLE:
-        vectors = vectors[np.sort(np.random.default_rng(0).choice(len(vectors), TRAIN_SAMPLE, replace=False))]
-    try:
-        index.train(vectors)
-    except RuntimeError as e:
-        raise IndexInputError(
-            f"cannot train {factory!r} on {len(vectors)} vectors: {_faiss_reason(e)}"
-        ) from None
-
-
-def _add(index: faiss.Index, vectors: np.ndarray, labels: np.ndarray, progress: bool) -> None:
-    with tqdm(total=len(vectors), unit="vec", desc="indexing", disable=not progress) as bar:
-        for start in range(0, len(vectors), ADD_BATCH):
-            end = start + ADD_BATCH
-            index.add_with_ids(vectors[start:end], labels[start:end])
-            bar.update(len(vectors[start:end]))
-
-
-def build_index(
-    embeddings_uri: str,
-    out_uri: str,
-    factory: str = "auto",
-    metric: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Index every vector of an embeddings dataset into a new index folder; returns its manifest.
-
-    metric None means "ip" when the embeddings are L2-normalised, else "l2".
-    """
-    embeddings_uri, out_uri = storage.normalize(embeddings_uri), storage.normalize(out_uri)
-    if storage.exists(out_uri) and not overwrite:  # fail before reading what may be gigabytes
-        raise storage.StorageError(f"output exists: {out_uri} (pass --overwrite to replace it)")
-    ids, vectors, passthrough, meta = read_embeddings(embeddings_uri)
-    ids, dim = _unique_ids(ids), vectors.shape[1]
-    if meta.get("dim") and int(meta["dim"]) != dim:
-        raise IndexInputError(f"embeddings metadata says dim {meta['dim']} but the vectors have {dim}")
-    vectors = _matrix(vectors, dim)
-    normalized = meta.get("normalized") == "true"
-    metric = metric or ("ip" if normalized else "l2")
-    if metric not in METRICS:
-        raise IndexInputError(f"unknown metric {metric!r}: use 'ip' or 'l2'")
-    factory, reason = choose_factory(factory, len(ids), dim)
-    start = time.perf_counter()
-    index = new_index(dim, factory, metric)
-    _train(index, vectors, factory)
-    labels = np.arange(len(ids), dtype=np.int64)
-    _add(index, vectors, labels, progress)
-    manifest = {
-        "dim": dim,
-        "metric": metric,
-        "factory": factory,
-        "reason": reason,
-        "count": len(ids),
-        "shards": 1,
-        "fingerprint": meta.get("fingerprint") or None,
-        "normalized": normalized,
-        "timm_name": meta.get("timm_name", ""),
-        "classes": [c for c in meta.get("classes", "").split(",") if c],
-        "embeddings": embeddings_uri,
-        "build_seconds": round(time.perf_counter() - start, 3),
-        "faiss_version": faiss.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    idmap = pa.table({"id": pa.array(ids, pa.string()), "faiss_id": labels})
-    for name in passthrough.column_names:
-        idmap = idmap.append_column(name, passthrough.column(name))
-    built = VectorIndex(index, idmap, manifest, out_uri)
-    with storage.publish_dir(out_uri, overwrite=overwrite) as staging:
-        built.write(staging)
-    return built.info()
-
-
-def open_index(uri: str) -> VectorIndex:
-    return VectorIndex.load(uri)
+def open_index(uri: str, target_recall: float | None = None) -> VectorIndex:
+    """Load an index folder; `target_recall` re-picks the operating point the build measured."""
+    index = VectorIndex.load(uri)
+    if target_recall is not None:
+        index.set_target_recall(target_recall)
+    return index
 
 
 def check_fingerprint(index: VectorIndex, fingerprint: str | None) -> None:
@@ -200,19 +95,33 @@ def check_fingerprint(index: VectorIndex, fingerprint: str | None) -> None:
         )
 
 
+def _combine(dim: int, shards: list) -> faiss.Index:
+    if len(shards) == 1:
+        return shards[0]
+    combined = faiss.IndexShards(dim, True, False)  # threaded; labels kept as each shard stores them
+    for shard in shards:
+        combined.add_shard(shard)
+    return combined
+
+
 class VectorIndex:
-    """A FAISS index (labels = `faiss_id`) and its id map, in memory.
+    """FAISS shard indexes (labels = `faiss_id`) and their id map, in memory.
 
     Every mutating method validates all of its input first, so a rejected call leaves the
-    index unchanged. Changes live in memory until `save()`.
+    index unchanged. Changes live in memory until `save()`. An id lives in shard
+    crc32(id) % shards, for add and remove as for the build.
     """
 
-    def __init__(self, index: faiss.Index, idmap: pa.Table, manifest: dict, uri: str | None = None):
-        self.index, self.manifest, self.uri = index, manifest, uri
+    def __init__(self, shards, idmap: pa.Table, manifest: dict, uri: str | None = None, folder=None):
+        self.shards = list(shards) if isinstance(shards, (list, tuple)) else [shards]
+        self.manifest, self.uri = manifest, uri
         self.dim, self.metric = int(manifest["dim"]), manifest["metric"]
         self.fingerprint = manifest.get("fingerprint")
+        self.index = _combine(self.dim, self.shards)
+        self._folder = Path(folder) if folder is not None else None  # where on-disk lists live now
         self._gpu = None  # a GPU copy for search, dropped whenever the CPU index changes
         self._set_idmap(idmap)
+        self.apply_search_params()
 
     def _set_idmap(self, idmap: pa.Table) -> None:
         # Rows stay sorted by faiss_id (labels only grow), so label -> row is a searchsorted.
@@ -228,13 +137,25 @@ class VectorIndex:
         if not (folder / MANIFEST_FILE).is_file():
             raise storage.StorageError(f"not an index (no {MANIFEST_FILE}): {uri}")
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
-        return cls(
-            faiss.read_index(str(folder / INDEX_FILE)), pq.read_table(folder / IDS_FILE), manifest, uri
-        )
+        return cls.load_local(folder, pq.read_table(folder / IDS_FILE), manifest, uri)
 
-    def write(self, folder) -> None:
-        """Write the three files into a plain local folder (save() publishes one atomically)."""
-        faiss.write_index(self.index, str(folder / INDEX_FILE))
+    @classmethod
+    def load_local(cls, folder, idmap: pa.Table, manifest: dict, uri: str | None) -> VectorIndex:
+        # On-disk lists are found beside the index file wherever the folder has moved to.
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR if manifest.get("on_disk") else 0
+        shards = [faiss.read_index(str(Path(folder) / f), flags) for f in manifest.get("files", [INDEX_FILE])]
+        return cls(shards, idmap, manifest, uri, folder)
+
+    def write(self, folder, faiss_files: bool = True) -> None:
+        """Write the files into a plain local folder (save() publishes one atomically)."""
+        folder = Path(folder)
+        for name, shard in zip(self.manifest.get("files", [INDEX_FILE]), self.shards, strict=True):
+            if not faiss_files:
+                continue
+            if self.manifest.get("on_disk"):  # the index file only points at its lists
+                lists = Path(name).with_suffix(".ivfdata")
+                shutil.copyfile(self._folder / lists, folder / lists)
+            faiss.write_index(shard, str(folder / name))
         pq.write_table(self.idmap, folder / IDS_FILE)
         (folder / MANIFEST_FILE).write_text(json.dumps(self.info(), indent=2))
 
@@ -245,6 +166,28 @@ class VectorIndex:
         with storage.publish_dir(self.uri, overwrite=True) as staging:
             self.write(staging)
         self.manifest = self.info()
+        if self.manifest.get("on_disk"):  # re-open the lists at their new place
+            fresh = VectorIndex.load(self.uri)
+            self.shards, self.index, self._folder = fresh.shards, fresh.index, fresh._folder
+
+    def apply_search_params(self) -> None:
+        params = self.manifest.get("search_params") or {}
+        set_search_params(self.index, params)
+        if self._gpu is not None:
+            for name, value in params.items():
+                if name == "nprobe":
+                    faiss.GpuParameterSpace().set_index_parameter(self._gpu, name, value)
+
+    def set_target_recall(self, target: float) -> dict:
+        """Use the cheapest measured operating point with recall@10 >= target; returns its params."""
+        if not 0 < target <= 1:
+            raise IndexInputError(f"target recall must be in (0, 1], got {target}")
+        point = pick_point(self.manifest.get("operating_points") or [], target)
+        self.manifest = {**self.manifest, "target_recall": target}
+        if point is not None:
+            self.manifest["search_params"] = point["params"]
+        self.apply_search_params()
+        return self.manifest.get("search_params", {})
 
     def info(self) -> dict:
         return {**self.manifest, "count": len(self)}
@@ -260,10 +203,13 @@ class VectorIndex:
         return np.array([self._row[i] for i in ids], dtype=np.int64)
 
     def _searcher(self) -> faiss.Index:
-        # Exact search is where a GPU pays off (adding to Flat is a memory copy, so building
-        # stays on CPU); the CPU index stays the source of truth for add, remove and save.
-        if self._gpu is None and faiss.get_num_gpus() > 0 and self.manifest["factory"] == "Flat":
-            self._gpu = faiss.index_cpu_to_all_gpus(self.index)
+        # Flat and IVF search is where GPUs pay off; the CPU shards stay the source of truth
+        # for add, remove and save. HNSW, on-disk lists and prefix transforms stay on CPU.
+        m = self.manifest
+        gpu_ok = "HNSW" not in m["factory"] and not m.get("on_disk") and not m.get("prefix_dim")
+        if self._gpu is None and gpu_ok and faiss.get_num_gpus() > 0:
+            self._gpu = _combine(self.dim, [faiss.index_cpu_to_all_gpus(s) for s in self.shards])
+            self.apply_search_params()
         return self._gpu if self._gpu is not None else self.index
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
@@ -281,14 +227,18 @@ class VectorIndex:
 
     def reconstruct(self, ids: list[str]) -> np.ndarray:
         """The stored vectors of `ids` (decoded, so approximate for lossy codes such as PQ)."""
-        labels = self._labels[self._rows(ids)]
+        rows = self._rows(ids)
+        labels, where = self._labels[rows], shard_of(self._ids[rows], len(self.shards))
+        out = np.zeros((len(rows), self.dim), np.float32)
         try:
-            return self.index.reconstruct_batch(labels)
+            for s, shard in enumerate(self.shards):
+                if (mine := where == s).any():
+                    out[mine] = shard.reconstruct_batch(labels[mine])
         except RuntimeError as e:
             factory = self.manifest["factory"]
-            raise IndexInputError(
-                f"index {factory!r} cannot return stored vectors: {_faiss_reason(e)}"
-            ) from None
+            reason = faiss_reason(e)
+            raise IndexInputError(f"index {factory!r} cannot return stored vectors: {reason}") from None
+        return out
 
     def search_by_id(self, ids: list[str], k: int) -> tuple[list[list[str]], np.ndarray]:
         """Search with the stored vectors of `ids`; each id is usually its own first hit."""
@@ -304,16 +254,23 @@ class VectorIndex:
         # Round-trip through JSON so dates or bytes in passthrough columns cannot break callers.
         return json.loads(json.dumps(table.to_pylist(), default=str))
 
+    def _writable(self, what: str) -> None:
+        if self.manifest.get("on_disk"):
+            # Its lists are memory-mapped from the published folder: changing them in place
+            # would break the all-or-nothing save.
+            raise IndexInputError(f"an on-disk index is read-only: rebuild it instead of {what}")
+
     def add(self, ids: list[str], vectors: np.ndarray, metadata: list[dict] | None = None) -> None:
-        ids, vectors = _unique_ids(ids), _matrix(vectors, self.dim)
+        ids, vectors = unique_ids(ids), as_matrix(vectors, self.dim)
         if len(vectors) != len(ids):
             raise IndexInputError(f"{len(ids)} ids but {len(vectors)} vectors")
         present = [i for i in ids if i in self._row]
         if present:
-            raise IndexInputError(f"ids already in the index: {_few(present)}")
+            raise IndexInputError(f"ids already in the index: {few(present)}")
         if metadata is not None and len(metadata) != len(ids):
             raise IndexInputError(f"{len(ids)} ids but {len(metadata)} metadata entries")
-        first = int(self._labels[-1]) + 1 if len(self._labels) else 0
+        self._writable("add")
+        first = int(self._labels.max()) + 1 if len(self._labels) else 0
         labels = np.arange(first, first + len(ids), dtype=np.int64)
         rows = [
             {**(m or {}), "id": i, "faiss_id": int(lab)}
@@ -323,7 +280,10 @@ class VectorIndex:
             idmap = pa.concat_tables([self.idmap, pa.Table.from_pylist(rows)], promote_options="default")
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise IndexInputError(f"metadata does not fit the index's columns: {e}") from None
-        _add(self.index, vectors, labels, progress=False)
+        where = shard_of(ids, len(self.shards))
+        for s, shard in enumerate(self.shards):
+            if (mine := where == s).any():
+                shard.add_with_ids(vectors[mine], labels[mine])
         self._gpu = None
         self.idmap = idmap
         self._ids = np.concatenate([self._ids, np.array(ids, dtype=object)])
@@ -331,12 +291,20 @@ class VectorIndex:
         self._row.update({i: len(self._row) + n for n, i in enumerate(ids)})
 
     def remove(self, ids: list[str]) -> None:
-        rows = self._rows(_unique_ids(ids))
-        try:
-            removed = self.index.remove_ids(self._labels[rows])
-        except RuntimeError:
-            factory = self.manifest["factory"]
-            raise IndexInputError(f"index {factory!r} does not support remove; rebuild it instead") from None
+        ids = unique_ids(ids)
+        rows = self._rows(ids)
+        self._writable("remove")
+        labels, where = self._labels[rows], shard_of(ids, len(self.shards))
+        removed = 0
+        for s, shard in enumerate(self.shards):
+            if not (mine := where == s).any():
+                continue
+            try:  # every shard has the same type, so an unsupported remove fails on the first
+                removed += shard.remove_ids(labels[mine])
+            except RuntimeError:
+                factory = self.manifest["factory"]
+                message = f"index {factory!r} does not support remove; rebuild it instead"
+                raise IndexInputError(message) from None
         if removed != len(rows):  # would mean the id map and FAISS disagree: a bug, not user input
             raise RuntimeError(f"FAISS removed {removed} vectors, expected {len(rows)}")
         keep = np.ones(len(self), dtype=bool)
@@ -378,7 +346,11 @@ def _search_times(index: VectorIndex, queries: np.ndarray, batch: int, k: int, r
 
 
 def evaluate_index(
-    index_uri: str, queries: np.ndarray | None = None, k: int = 10, num_queries: int = 200
+    index_uri: str,
+    queries: np.ndarray | None = None,
+    k: int = 10,
+    num_queries: int = 200,
+    target_recall: float | None = None,
 ) -> dict:
     """Recall@1/10/100/k against exact search, queries per second, latency and size of an index.
 
@@ -386,7 +358,7 @@ def evaluate_index(
     reconstructs them, so for lossy codes (PQ, SQ) recall measures the search, not the
     quantisation. Queries default to `num_queries` stored vectors sampled with a fixed seed.
     """
-    index = open_index(index_uri)
+    index = open_index(index_uri, target_recall)
     n, k = len(index), _check_k(k)
     if n == 0:
         raise IndexInputError("cannot evaluate an empty index")
@@ -408,14 +380,23 @@ def evaluate_index(
         report[f"recall@{at}"] = round(_recall(index, stored, queries, found, exact_scores, at), 4)
     single = _search_times(index, queries, 1, k, reps=len(queries), budget_s=2.0)
     batched = _search_times(index, queries, 256, k, reps=5, budget_s=2.0)
-    fs, path = storage.filesystem(storage.join(report["uri"], INDEX_FILE))
+    files = list(index.manifest.get("files", [INDEX_FILE]))
+    files += [str(Path(f).with_suffix(".ivfdata")) for f in files] if index.manifest.get("on_disk") else []
+    size = 0
+    for name in files:
+        fs, path = storage.filesystem(storage.join(report["uri"], name))
+        size += fs.get_file_info(path).size
     report.update(
         qps_batch1=round(1.0 / float(np.median(single)), 1),
         qps_batch256=round(256 / float(np.median(batched)), 1),
         latency_ms_p50=round(1000 * float(np.percentile(single, 50)), 4),
         latency_ms_p99=round(1000 * float(np.percentile(single, 99)), 4),
-        bytes_per_vector=round(fs.get_file_info(path).size / n, 1),
+        latency_ms_p50_batch256=round(1000 * float(np.percentile(batched, 50)), 4),
+        latency_ms_p99_batch256=round(1000 * float(np.percentile(batched, 99)), 4),
+        bytes_per_vector=round(size / n, 1),
         build_seconds=index.manifest.get("build_seconds"),
+        shards=len(index.shards),
+        search_params=index.manifest.get("search_params", {}),
         device="gpu" if index._gpu is not None else "cpu",
     )
     return report

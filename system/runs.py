@@ -107,3 +107,41 @@ def show_run(run: str, storage_root: str = "runs") -> str:
         with fs.open_output_stream(path) as out:
             out.write(local.read_bytes())
     return png_uri
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], out: Path) -> None:
+    """The fine-tune's confusion matrix on data.val (rows: true class), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.35 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(confusion, cmap="Blues")
+    ticks = range(len(classes))
+    ax.set_xticks(ticks, classes, rotation=90, fontsize=7)
+    ax.set_yticks(ticks, classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(classes) <= 20:  # counts stay readable
+        for i, row in enumerate(confusion):
+            for j, count in enumerate(row):
+                ax.text(j, i, str(count), ha="center", va="center", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def write_confusion_png(run_uri: str, meta: dict) -> str | None:
+    """`{run}/confusion.png` from a fine-tuned model's meta (None when it has no matrix)."""
+    if not meta.get("confusion"):
+        return None
+    png_uri = storage.join(run_uri, "confusion.png")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "confusion.png"
+        plot_confusion(meta["confusion"], meta.get("classes") or [], local)
+        fs, path = storage.filesystem(png_uri)
+        with fs.open_output_stream(path) as out:
+            out.write(local.read_bytes())
+    return png_uri

@@ -29,7 +29,7 @@ from ray.train.v2.api.callback import UserCallback
 from torch import nn
 
 from system import storage
-from system.adapters import count_parameters, get_adapter
+from system.adapters import adapter_bytes, get_adapter, parameter_report
 from system.checkpoint import full_model_state, load_checkpoint, save_checkpoint
 from system.config import JobConfig
 from system.data import count_rows, read_classes, read_dataset
@@ -38,6 +38,7 @@ from system.models import Embedder, create_backbone, load_backbone_weights, read
 from system.objectives import get_objective, nested_dims
 from system.optim import build_optimizer, cosine_with_warmup
 from system.parallel import gradient_sync, parallelize, residual_blocks, unwrap
+from system.runs import write_confusion_png
 from system.transforms import preprocess_batch, preprocessing_config
 
 
@@ -90,7 +91,7 @@ def evaluate(module: TrainModule, val_shard, job: str, batch_size: int, device) 
     sharded = hasattr(module, "unshard")
     if sharded:
         module.unshard()
-    features, labels, correct, correct5 = [], [], 0, 0
+    features, labels, correct, correct5, confusion = [], [], 0, 0, None
     for batch in val_shard.iter_torch_batches(batch_size=batch_size, device=device):
         embedding = module.backbone(batch["image"])
         if job == "finetune":
@@ -99,6 +100,9 @@ def evaluate(module: TrainModule, val_shard, job: str, batch_size: int, device) 
             correct += (logits.argmax(-1) == target).sum().item()
             top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             correct5 += (top5 == target[:, None]).any(-1).sum().item()
+            pairs = target * logits.shape[-1] + logits.argmax(-1)  # (true, predicted) as one index
+            counts = torch.bincount(pairs.cpu(), minlength=logits.shape[-1] ** 2)
+            confusion = counts if confusion is None else confusion + counts
         features.append(nn.functional.normalize(embedding.float(), dim=-1).cpu())
         if "label" in batch:
             labels.append(batch["label"].cpu())
@@ -115,7 +119,13 @@ def evaluate(module: TrainModule, val_shard, job: str, batch_size: int, device) 
         if job == "finetune":
             metrics["val_acc"] = correct / len(labels)
             metrics["val_top5"] = correct5 / len(labels)
+            classes = int(confusion.numel() ** 0.5)
+            if classes <= MAX_CONFUSION_CLASSES:  # kept in model.json: bounded in size
+                metrics["confusion"] = confusion.reshape(classes, classes).tolist()
     return metrics
+
+
+MAX_CONFUSION_CLASSES = 100
 
 
 def export_artifacts(folder: Path, state: dict, cfg: JobConfig, job: str, meta: dict, num_classes: int):
@@ -194,7 +204,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     module = build_model(cfg, job, len(classes))
-    trainable, total = count_parameters(module)
+    parameters = parameter_report(module)  # trainable, total, share
     if device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
     model = parallelize(module, cfg.train, device)
@@ -267,13 +277,13 @@ def train_loop_per_worker(config: dict) -> None:
                     "epoch": epoch,
                     **window.metrics(world),
                     "lr": scheduler.get_last_lr()[0],
-                    "trainable_params": trainable,
-                    "total_params": total,
+                    **parameters,
                     "peak_memory_mb": peak_memory_mb(device),
                     **{k: float(v) for k, v in extra.items()},
                 }
                 if evaluates and should_eval:
                     metrics.update(evaluate(plain, val_shard, job, cfg.train.batch_size, device))
+                confusion = metrics.pop("confusion", None)  # not a scalar: goes to model.json
                 progress = {
                     "step": step,
                     "epoch": epoch,
@@ -281,7 +291,8 @@ def train_loop_per_worker(config: dict) -> None:
                     "world": world,
                     "scheduler": scheduler.state_dict(),
                 }
-                report(metrics, model, optimizer, progress, config, rank, should_save, last)
+                extra_meta = per_class_report(confusion, classes) if confusion else {}
+                report(metrics, model, optimizer, progress, config, rank, should_save, last, extra_meta)
                 window = Window()
             if last:
                 break
@@ -290,7 +301,13 @@ def train_loop_per_worker(config: dict) -> None:
             skip = 0
 
 
-def report(metrics, model, optimizer, progress, config, rank, save, final) -> None:
+def per_class_report(confusion: list[list[int]], classes: list[str]) -> dict:
+    """Per-class accuracy and the confusion matrix (rows: true class), for model.json."""
+    per_class = {name: row[i] / max(1, sum(row)) for i, (name, row) in enumerate(zip(classes, confusion))}
+    return {"per_class_acc": per_class, "confusion": confusion}
+
+
+def report(metrics, model, optimizer, progress, config, rank, save, final, extra_meta=None) -> None:
     """ray.train.report from every rank; checkpoints are collective (each rank saves its shard)."""
     if not save:
         ray.train.report(metrics)
@@ -301,8 +318,10 @@ def report(metrics, model, optimizer, progress, config, rank, save, final) -> No
         save_checkpoint(folder, model, optimizer, progress, rank)
         if final and rank == 0:
             cfg, job = JobConfig.model_validate(config["cfg"]), config["job"]
-            meta = {**config["meta"], "metrics": metrics, "job": job}
+            meta = {**config["meta"], "metrics": metrics, **(extra_meta or {}), "job": job}
             export_artifacts(folder, state, cfg, job, meta, len(config["classes"]))
+            if (folder / "adapter").is_dir():
+                metrics = {**metrics, "adapter_bytes": adapter_bytes(folder / "adapter")}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -441,6 +460,9 @@ def publish_result(result, cfg: JobConfig, job: str, run_name: str) -> dict[str,
                 with storage.publish_dir(uri, overwrite=True) as staging:
                     shutil.copytree(Path(folder) / name, staging, dirs_exist_ok=True)
                 published[name] = uri
+        model_json = Path(folder) / "model" / "model.json"
+        if model_json.is_file():
+            write_confusion_png(run_uri, json.loads(model_json.read_text()))
     return published
 
 

@@ -20,6 +20,7 @@ SUBCOMMANDS = [
     ["index", "search"],
     ["index", "eval"],
     ["serve"],
+    ["runs", "show"],
     ["quickstart"],
 ]
 
@@ -55,10 +56,19 @@ BAD_INPUTS = {
         ["finetune", "--config", "configs/quickstart.yaml", "--set", "finetune.target_modules=zzz"],
         "finetune.target_modules",
     ),
-    "fsdp not yet": (
-        ["pretrain", "--config", "configs/quickstart.yaml", "--set", "train.strategy=fsdp"],
-        "fsdp",
+    "mae on a CNN": (
+        ["pretrain", "--config", "configs/quickstart.yaml", "--set", "objective.name=mae"],
+        "objective.name",
     ),
+    "matryoshka dim too large": (
+        ["pretrain", "--config", "configs/quickstart.yaml", "--set", "objective.matryoshka_dims=[8,4096]"],
+        "objective.matryoshka_dims",
+    ),
+    "decreasing matryoshka dims": (
+        ["pretrain", "--set", "objective.matryoshka_dims=[64,32]"],
+        "objective",
+    ),
+    "no run to show": (["runs", "show", "/nonexistent-run"], "no metrics.jsonl"),
     "missing init": (
         ["finetune", "--config", "configs/quickstart.yaml", "--set", "model.init=/nope"],
         "model.init",

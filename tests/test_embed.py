@@ -48,3 +48,50 @@ def test_embed_refuses_existing_output(model_uri, digits_data, tmp_path):
     (tmp_path / "emb").mkdir()
     with pytest.raises(storage.StorageError, match="output exists"):
         run_embed(model_uri, digits_data[1], str(tmp_path / "emb"))
+
+
+def test_embed_resumes_after_crash(ray_local, digits_data, tmp_path, monkeypatch, capsys):
+    """A crash after the first shard is written; the re-run skips it and embeds only the rest."""
+    import system.embed as embed
+
+    backbone = create_backbone("test_resnet", {})
+    meta = {
+        "timm_name": "test_resnet",
+        "timm_kwargs": {},
+        "preprocessing": preprocessing_config(backbone, 32),
+        "matryoshka_dims": [16, 32],
+    }
+    model_uri = str(tmp_path / "model")
+    save_model(model_uri, Embedder(backbone), meta)
+    source = pq.read_table(storage.parquet_files(digits_data[1])[0])
+    data = tmp_path / "data"
+    data.mkdir()
+    for n, part in enumerate((source.slice(0, 150), source.slice(150))):  # two input files
+        pq.write_table(part, data / f"part-{n:05d}.parquet")
+
+    write_shard = embed._write_shard
+
+    def crash_after_first(partial, number, parts, metadata):
+        write_shard(partial, number, parts, metadata)
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(embed, "_write_shard", crash_after_first)
+    out = tmp_path / "emb"
+    with pytest.raises(KeyboardInterrupt):
+        run_embed(model_uri, str(data), str(out), batch_size=64, concurrency=1)
+    assert not out.exists()
+    partial = tmp_path / ".emb.partial"
+    (written,) = partial.glob("part-*.parquet")
+    kept = written.read_bytes()
+    monkeypatch.setattr(embed, "_write_shard", write_shard)
+
+    run_embed(model_uri, str(data), str(out), batch_size=64, concurrency=1)
+    assert "resuming, 1 shards" in capsys.readouterr().out and not partial.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert (out / written.name).read_bytes() == kept  # skipped, not embedded again
+    ids, vectors, _, emb_meta = read_embeddings(str(out))
+    assert emb_meta["matryoshka_dims"] == "16,32" and sorted(ids) == sorted(source.column("id").to_pylist())
+    model, model_meta = load_artifact(model_uri)
+    order = {row_id: i for i, row_id in enumerate(source.column("id").to_pylist())}
+    expected = embed_images(model, model_meta["preprocessing"], source.column("image").to_pylist())
+    np.testing.assert_allclose(vectors[np.argsort([order[i] for i in ids])], expected, atol=1e-5)

@@ -85,7 +85,7 @@ def stop_process_group(process: subprocess.Popen) -> None:
     """SIGTERM the head's process group, then SIGKILL whatever of it is left (gcs, raylet...)."""
     os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=30)
+        process.wait(timeout=5)  # the head ignores SIGTERM for long; the group gets SIGKILL next
     except subprocess.TimeoutExpired:
         pass
     time.sleep(2)

@@ -260,8 +260,8 @@ BAD_INPUTS = {
     "20000x20000 header": (
         "/v1/embed",
         {"files": multipart([png_claiming(20000, 20000)])},
-        400,
-        "invalid_image",
+        413,
+        "too_many_pixels",
     ),
     "images not a list": ("/v1/embed", {"json": {"images": "abc"}}, 422, "validation_error"),
     "images of numbers": ("/v1/search", {"json": {"images": [1, 2]}}, 422, "validation_error"),

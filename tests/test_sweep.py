@@ -128,3 +128,192 @@ def test_quickstart_sweep_outputs(ray_local, quickstart_run):
     while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(1)
     assert ray_local.available_resources().get("CPU", 0) == 2
+
+
+# -- search algorithms, schedulers, Pareto front (no Ray) -------------------------------
+
+
+@pytest.mark.parametrize(
+    "sweep, words",
+    [
+        ({"search": "grid", "space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}, "search grid needs choice"),
+        ({"search": "optuna", "space": {"train.lr": {"grid": [1e-4, 1e-2]}}}, "write choice, not grid"),
+        (
+            {"scheduler": "pbt", "space": {"train.lr": {"choice": [0.1]}}},
+            "sweep.scheduler: pbt is not available",
+        ),
+    ],
+)
+def test_invalid_search_is_one_line(sweep, words):
+    from tune.search import check_search
+
+    with pytest.raises(ConfigError, match=words):
+        check_search(build_config({"sweep": sweep}))
+
+
+def test_pareto_front_keeps_only_undominated_finished_trials():
+    from tune.report import pareto_front
+
+    rows = [
+        {"trial_id": "a", "status": "DONE", "val_acc": 0.80, "trainable_params": 1000},
+        {"trial_id": "b", "status": "DONE", "val_acc": 0.70, "trainable_params": 100},
+        {"trial_id": "c", "status": "DONE", "val_acc": 0.60, "trainable_params": 500},  # dominated by b
+        {"trial_id": "d", "status": "DONE", "val_acc": 0.85, "trainable_params": 5000},
+        {"trial_id": "e", "status": "STOPPED", "val_acc": 0.99, "trainable_params": 10},  # not comparable
+        {"trial_id": "f", "status": "ERROR", "val_acc": None, "trainable_params": None},
+    ]
+    assert [r["trial_id"] for r in pareto_front(rows, "val_acc", "max")] == ["b", "a", "d"]
+
+
+def test_spectrum_prior_proposes_a_rank_per_target():
+    from tune.ranks import spectrum_prior
+
+    cfg = build_config({"model": {"name": "test_resnet"}})
+    low, high = spectrum_prior(cfg, 0.5), spectrum_prior(cfg, 0.99)
+    assert set(low) == set(high) and len(low) >= 4
+    assert all(1 <= low[k] <= high[k] for k in low) and sum(low.values()) < sum(high.values())
+    # The prior is a valid rank_pattern: LoRA gets exactly those ranks.
+    from system.adapters import count_parameters, get_adapter
+    from system.models import create_backbone
+
+    cfg = build_config({"model": {"name": "test_resnet"}, "finetune": {"rank_pattern": low}})
+    lora = get_adapter("lora").apply(create_backbone("test_resnet"), cfg.finetune)
+    convs = {n: m for n, m in create_backbone("test_resnet").named_modules() if n.replace(".", r"\.") in low}
+    expected = sum(
+        low[n.replace(".", r"\.")] * (m.weight[0].numel() + m.out_channels) for n, m in convs.items()
+    )
+    assert count_parameters(lora)[0] == expected
+
+
+# -- a real ASHA sweep on a CIFAR-10 subset: interrupted, resumed, finished ---------------
+
+
+@pytest.fixture(scope="module")
+def cifar_subset(cifar10_dir, tmp_path_factory) -> tuple[str, str]:
+    """800 train / 200 val images, every class (the shared files are sorted by class)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    out = tmp_path_factory.mktemp("cifar-subset")
+    uris = []
+    for split, rows in (("train", 800), ("test", 200)):
+        table = pq.read_table(cifar10_dir / f"{split}.parquet")
+        pick = np.random.default_rng(0).choice(table.num_rows, rows, replace=False)
+        pq.write_table(table.take(pick), out / f"{split}.parquet")
+        uris.append(str(out / f"{split}.parquet"))
+    return uris[0], uris[1]
+
+
+def sweep_tree(train: str, val: str, storage) -> dict:
+    return {
+        "data": {"train": train, "val": val, "image_size": 32},
+        "model": {"name": "test_resnet", "kwargs": {}},
+        "finetune": {"method": "lora", "rank": 4},
+        "train": {"workers": 1, "cpus_per_worker": 0.5, "batch_size": 32, "max_steps": 16, "eval_every": 4},
+        "run": {"storage": str(storage), "name": "asha"},
+        "sweep": {
+            "num_samples": 1,
+            "max_concurrent": 2,
+            "grace_period": 1,
+            # The training loss, not val_acc: 16 steps from random init leave every trial near chance
+            # on val_acc (ties); the loss of lr 1e-7/1e-8 stays flat while 3e-3 learns, so by the
+            # second rung ASHA stops them (Ray Data's order makes the first rung noisy).
+            "metric": "loss",
+            "mode": "min",
+            "space": {"train.lr": {"grid": [3e-3, 1e-3, 1e-7, 1e-8]}},
+        },
+    }
+
+
+@pytest.mark.slow
+def test_asha_sweep_interrupted_resumed_and_reported(ray_local, cifar_subset, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tune.sweep import run_sweep
+
+    tree = sweep_tree(*cifar_subset, tmp_path)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "system.cli", "sweep", "--config", str(tmp_path / "sweep.yaml")]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    folder = tmp_path / "asha"
+    deadline = time.monotonic() + 600
+    while not list(folder.glob("trials/*/metrics.jsonl")) and time.monotonic() < deadline:
+        time.sleep(1)
+    first.send_signal(signal.SIGINT)  # Ctrl+C once a trial has reported
+    output, _ = first.communicate(timeout=600)
+    assert first.returncode != 0 and "--resume" in output, output[-3000:]
+    assert not (folder / "leaderboard.csv").exists()
+
+    run_sweep(build_config(tree), resume=True)
+    with open(folder / "leaderboard.csv") as f:
+        rows = list(csv.DictReader(f))
+    # (ERROR is allowed: one failing trial is a row, and does not stop the sweep.)
+    assert len(rows) == 4 and {r["status"] for r in rows} <= {"DONE", "STOPPED", "ERROR"}, rows
+    assert "STOPPED" in {r["status"] for r in rows}, rows  # ASHA stopped at least one early
+    assert rows[0]["status"] == "DONE" and float(rows[0]["train.lr"]) >= 1e-3
+    with open(folder / "pareto.csv") as f:
+        front = list(csv.DictReader(f))
+    assert front and {r["trial_id"] for r in front} <= {r["trial_id"] for r in rows if r["status"] == "DONE"}
+    assert (folder / "pareto.png").stat().st_size > 1000
+    best = load_config(folder / "best.yaml")
+    assert best.train.lr == pytest.approx(float(rows[0]["train.lr"]))
+    assert read_meta(str(folder / "best" / "model"))["metrics"]["loss"] == pytest.approx(
+        float(rows[0]["loss"])
+    )
+
+
+def test_invalid_space_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "system.cli",
+        "sweep",
+        "--set",
+        "data.train=x",
+        "--set",
+        "model.name=test_resnet",
+    ]
+    cmd += ["--set", "sweep.space.train.lr={loguniform: [0, 0.1]}", "--set", f"run.storage={tmp_path}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "sweep.space.train.lr" in done.stderr
+
+
+@pytest.mark.parametrize("search", ["optuna", "optuna_mo"])
+def test_optuna_searchers_drive_tune(ray_local, search, tmp_path):
+    """The searcher and scheduler run_sweep builds, on a cheap function trainable (no Train run)."""
+    from tune.search import build_scheduler, build_searcher
+
+    space = {"train.lr": {"loguniform": [1e-4, 1e-1]}, "finetune.rank": {"choice": [2, 4, 8]}}
+    cfg = build_config({"sweep": {"search": search, "num_samples": 6, "space": space}})
+    validate_space(cfg)
+
+    def trainable(config):
+        lr, rank = config["overrides"]["train.lr"], config["overrides"]["finetune.rank"]
+        for step in range(1, 3):
+            tune.report({"val_acc": step * (1 - abs(lr - 0.01)), "trainable_params": 100 * rank})
+
+    domains = tune_space(cfg.sweep.space)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"overrides": domains},
+        tune_config=tune.TuneConfig(
+            num_samples=6,
+            scheduler=build_scheduler(cfg, 2, domains),
+            search_alg=build_searcher(cfg),
+            max_concurrent_trials=2,
+        ),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
+    )
+    results = tuner.fit()
+    assert len(results) == 6 and not results.errors
+    assert len({r.config["overrides"]["train.lr"] for r in results}) == 6  # Optuna proposed each trial

@@ -1,4 +1,4 @@
-"""Hyperparameter and adapter-rank sweeps: Ray Tune over Ray Train runs, with ASHA.
+"""Hyperparameter and adapter-rank sweeps: Ray Tune over Ray Train runs.
 
     repforge sweep --config configs/quickstart.yaml --set run.name=my-sweep
     repforge sweep --config configs/quickstart.yaml --set run.name=my-sweep --resume
@@ -6,16 +6,20 @@
 Each Tune trial is a small driver function that applies its overrides (dotted keys from
 `sweep.space`) to the base config and fits its own TorchTrainer, the one a plain
 `repforge finetune` would build; a TuneReportCallback forwards every report to Tune,
-where ASHA stops the weak trials early. The sweep folder `{run.storage}/{run.name}/`
-gets `leaderboard.csv`, `best.yaml` (runnable with `repforge finetune --config`), the
-best trial's `best/model` (and `best/adapter`), each trial's `trials/<id>/metrics.jsonl`
-and Tune's own state in `_tune/`. The trials' Train runs live in `{storage}/_ray/`.
+where the scheduler (`sweep.scheduler`: ASHA, PBT or FIFO) stops weak trials early and
+the search algorithm (`sweep.search`: random, grid, Optuna TPE, multi-objective Optuna)
+proposes the next ones (tune/search.py). With `sweep.rank_prior` a spectrum pre-pass
+proposes `finetune.rank_pattern` (tune/ranks.py). The sweep folder
+`{run.storage}/{run.name}/` gets `leaderboard.csv`, `pareto.csv` + `pareto.png` (metric
+vs trainable parameters), `best.yaml` (runnable with `repforge finetune --config`), the
+best trial's `best/model` (and `best/adapter`), each trial's `trials/<id>/metrics.jsonl`,
+`rank_prior.json` when used, and Tune's own state in `_tune/`. The trials' Train runs
+live in `{storage}/_ray/`. A trial that fails is an ERROR row; the others go on.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import json
 import math
 import os
 import re
@@ -31,8 +35,12 @@ from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from system import storage
 from system.config import ConfigError, JobConfig, build_config, set_dotted
-from system.data import count_rows
+from system.data import count_rows, read_classes
 from system.train import MetricsLogger, absolute_uris, build_trainer, plan_run, publish_result
+from tune.ranks import describe, spectrum_prior
+from tune.report import finite as _finite
+from tune.report import format_table, pareto_front, pareto_png, sort_rows, to_csv
+from tune.search import build_scheduler, build_searcher, check_search, grid_space
 from tune.space import tune_space, validate_space
 
 TUNE_DIR = "_tune"
@@ -112,12 +120,17 @@ def _trial_trainable(fn):
 
 def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> str:
     """Run (or resume) the sweep described by `cfg.sweep`; returns the sweep folder URI."""
-    from ray.tune.schedulers import ASHAScheduler
-
     cfg = absolute_uris(cfg)
     validate_space(cfg)
+    check_search(cfg)
+    _default_metric(cfg, job)
     _check_metric(cfg, job)
     plan = plan_run(cfg, job)
+    prior = None
+    if cfg.sweep.rank_prior and job == "finetune":  # deterministic: recomputed on --resume too
+        prior = spectrum_prior(cfg, cfg.sweep.rank_prior)
+        cfg.finetune.rank_pattern = {**prior, **cfg.finetune.rank_pattern}
+        print(f"[sweep] rank prior at energy {cfg.sweep.rank_prior}: {describe(prior)}", flush=True)
     name = cfg.run.name or f"sweep-{job}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_uri = storage.join(cfg.run.storage, name)
     tune_uri = storage.join(sweep_uri, TUNE_DIR)
@@ -127,6 +140,8 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
         raise ConfigError(f"run.name: no sweep to resume at {sweep_uri}")
     if not resume and storage.exists(sweep_uri):
         raise ConfigError(f"run.name: sweep folder exists: {sweep_uri} (pass --resume, or another run.name)")
+    if prior is not None and not resume:
+        _write_text(storage.join(sweep_uri, "rank_prior.json"), json.dumps(prior, indent=1))
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
 
@@ -137,24 +152,20 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
     # (Tune refuses an empty request, so it asks for some memory instead of a CPU.)
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": DRIVER_MEMORY})
     reports = _reports_per_trial(plan["total_steps"], cfg.train.eval_every)
-    if reports == 1:
-        print("[sweep] each trial reports once (train.eval_every is 0 or large): ASHA cannot stop any early")
+    if reports == 1 and cfg.sweep.scheduler != "fifo":
+        print("[sweep] each trial reports once (train.eval_every is 0 or large): no trial can stop early")
+    space = tune_space(_search_space(cfg))
     if resume:
         tuner = tune.Tuner.restore(tune_uri, trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"overrides": tune_space(cfg.sweep.space)},
+            param_space={"overrides": space},
             tune_config=tune.TuneConfig(
-                metric=cfg.sweep.metric,
-                mode=cfg.sweep.mode,
+                # The scheduler and searcher carry metric and mode (optuna_mo has two of each).
                 num_samples=cfg.sweep.num_samples,
-                scheduler=ASHAScheduler(
-                    grace_period=min(cfg.sweep.grace_period, reports),
-                    max_t=reports,
-                    reduction_factor=2,
-                    stop_last_trials=False,  # a finished trial ends on its own, cleanly
-                ),
+                scheduler=build_scheduler(cfg, reports, space),
+                search_alg=build_searcher(cfg),
                 max_concurrent_trials=cfg.sweep.max_concurrent or _max_concurrent(cfg),
             ),
             run_config=tune.RunConfig(
@@ -170,9 +181,10 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
         print(f"[sweep] {name} interrupted; continue it with --resume (same run.name)", flush=True)
         raise KeyboardInterrupt
     rows = leaderboard(grid, cfg, job)
-    _write_text(storage.join(sweep_uri, "leaderboard.csv"), _to_csv(rows))
+    _write_text(storage.join(sweep_uri, "leaderboard.csv"), to_csv(rows))
     print(f"\n[sweep] {name}: {len(rows)} trials, best first by {cfg.sweep.metric} ({cfg.sweep.mode})")
     print(format_table(rows), flush=True)
+    write_pareto(rows, cfg, sweep_uri)
     best = next((r for r in rows if _finite(r[cfg.sweep.metric]) and r["status"] != "ERROR"), None)
     if best is None:
         raise RuntimeError(f"sweep {name}: no trial reported {cfg.sweep.metric} (see {sweep_uri})")
@@ -194,6 +206,8 @@ def leaderboard(grid, cfg: JobConfig, job: str) -> list[dict]:
     """One row per trial: id, status, swept values, metric, trainable_params, steps; best first."""
     rows, row_counts = [], {}
     for result in grid:
+        if result.config is None:  # a trial that never started (interrupted before it ran)
+            continue
         metrics, overrides = result.metrics or {}, result.config.get("overrides", {})
         trial_cfg = build_config(_with_overrides(cfg.model_dump(), overrides))
         steps = metrics.get("step")
@@ -215,10 +229,20 @@ def leaderboard(grid, cfg: JobConfig, job: str) -> list[dict]:
             }
         )
     # Finished trials first: a stopped trial's metric comes from fewer steps, and it left no model.
-    sign, order = (-1 if cfg.sweep.mode == "max" else 1), {"DONE": 0, "STOPPED": 1, "ERROR": 2}
-    metric = cfg.sweep.metric
-    rows.sort(key=lambda r: (order[r["status"]], not _finite(r[metric]), sign * (r[metric] or 0)))
-    return rows
+    return sort_rows(rows, cfg.sweep.metric, cfg.sweep.mode)
+
+
+def write_pareto(rows: list[dict], cfg: JobConfig, sweep_uri: str) -> list[dict]:
+    """pareto.csv and pareto.png: the trials no other beats on both metric and trainable params."""
+    front = pareto_front(rows, cfg.sweep.metric, cfg.sweep.mode)
+    _write_text(storage.join(sweep_uri, "pareto.csv"), to_csv(front))
+    with tempfile.TemporaryDirectory() as tmp:
+        pareto_png(rows, front, cfg.sweep.metric, f"{tmp}/pareto.png")
+        fs, path = storage.filesystem(storage.join(sweep_uri, "pareto.png"))
+        with open(f"{tmp}/pareto.png", "rb") as src, fs.open_output_stream(path) as out:
+            out.write(src.read())
+    print(f"[sweep] Pareto front ({cfg.sweep.metric} vs trainable params): {len(front)} trials", flush=True)
+    return front
 
 
 def _trial_id(result) -> str:
@@ -230,28 +254,6 @@ def _trial_id(result) -> str:
     return match.group(1) if match else name
 
 
-def format_table(rows: list[dict]) -> str:
-    if not rows:
-        return "(no trials)"
-    cells = [list(rows[0])] + [[_cell(v) for v in row.values()] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
 def _with_overrides(base: dict, overrides: dict) -> dict:
     tree = yaml.safe_load(yaml.safe_dump(base))  # a deep copy that also drops non-YAML types
     for key, value in overrides.items():
@@ -259,8 +261,13 @@ def _with_overrides(base: dict, overrides: dict) -> dict:
     return tree
 
 
+def _search_space(cfg: JobConfig) -> dict:
+    return grid_space(cfg.sweep.space) if cfg.sweep.search == "grid" else cfg.sweep.space
+
+
 def _expected_trials(cfg: JobConfig) -> int:
-    grids = [spec["grid"] for spec in cfg.sweep.space.values() if isinstance(spec, dict) and "grid" in spec]
+    space = _search_space(cfg)
+    grids = [spec["grid"] for spec in space.values() if isinstance(spec, dict) and "grid" in spec]
     return cfg.sweep.num_samples * math.prod(len(values) for values in grids)
 
 
@@ -268,6 +275,13 @@ def _finished(tune_uri: str, expected: int) -> bool:
     """Tune turns Ctrl+C into an early, normal return; its saved state tells the two apart."""
     trials = tune.ExperimentAnalysis(tune_uri).trials
     return len(trials) >= expected and all(t.status in ("TERMINATED", "ERROR") for t in trials)
+
+
+def _default_metric(cfg: JobConfig, job: str) -> None:
+    """Pretraining sweeps have no val_acc: kNN top-1 when data.val has labels, else RankMe (label-free)."""
+    if job == "pretrain" and cfg.sweep.metric == "val_acc" and cfg.data.val:
+        cfg.sweep.metric = "knn_acc" if read_classes(cfg.data.val) else "rankme"
+        cfg.sweep.mode = "max"
 
 
 def _check_metric(cfg: JobConfig, job: str) -> None:
@@ -297,14 +311,6 @@ def _max_concurrent(cfg: JobConfig) -> int:
     if use_gpu:
         fit = min(fit, int(resources.get("GPU", 0) // cfg.train.workers))
     return max(1, fit)
-
-
-def _to_csv(rows: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["trial_id"])
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
 
 
 def _write_text(uri: str, text: str) -> None:

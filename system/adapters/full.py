@@ -1,12 +1,27 @@
-"""`full`: every backbone weight trains; `linear`: the backbone is frozen, only the head trains."""
+"""`full`: every backbone weight trains; `linear`: the backbone is frozen, only the head trains.
+
+A `linear` adapter is the head alone (train.py writes head.pt next to the json marker);
+`full` has no adapter: its artifact is the whole model.
+"""
 
 from __future__ import annotations
 
-from system.adapters import register_adapter
+import json
+from pathlib import Path
+
+from system.adapters import ADAPTER_JSON, register_adapter
 
 
 def _identity(backbone):
     return backbone
+
+
+def _save_linear(backbone, folder):
+    (Path(folder) / ADAPTER_JSON).write_text(json.dumps({"method": "linear"}))
+
+
+def _load_linear(backbone, folder):
+    return backbone.requires_grad_(False)
 
 
 @register_adapter("full", export=_identity)
@@ -15,7 +30,7 @@ def apply_full(backbone, cfg):
     return backbone
 
 
-@register_adapter("linear", export=_identity)
+@register_adapter("linear", export=_identity, save_adapter=_save_linear, load_adapter=_load_linear)
 def apply_linear(backbone, cfg):
     backbone.requires_grad_(False)
     return backbone

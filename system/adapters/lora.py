@@ -1,8 +1,11 @@
-"""LoRA (Hu et al., 2021) through HF peft on a timm backbone.
+"""LoRA (Hu et al., 2021) through HF peft on a timm backbone; dora.py and pissa.py reuse it.
 
 peft wraps the backbone (PeftModel) and injects low-rank A/B matrices into the target
 modules; everything else is frozen. The adapter saves in peft's own format and merges
-back into plain weights for serving.
+back into plain weights for serving. Per-module ranks: `finetune.rank_pattern` (regex ->
+rank, peft's matching rule), all scaled by the global budget `finetune.rank_scale`.
+
+    .venv/bin/python -m pytest -q tests/test_adapters.py -k lora
 """
 
 from __future__ import annotations
@@ -11,37 +14,62 @@ import re
 
 from torch import nn
 
-from system.adapters import register_adapter
-
-# Default targets per family: a ViT's attention and MLP linears, a CNN's convolutions.
-VIT_TARGETS = r".*\.(qkv|proj|fc1|fc2)$"
-CONV_TARGETS = r".*\.conv\d+$"
+from system.adapters import pattern_rank, register_adapter, scaled, target_modules
 
 
-def default_targets(backbone: nn.Module) -> str:
-    names = [name for name, _ in backbone.named_modules()]
-    return VIT_TARGETS if any(re.fullmatch(VIT_TARGETS, n) for n in names) else CONV_TARGETS
+def module_ranks(backbone: nn.Module, cfg, linear_only: bool = False) -> dict[str, int]:
+    """{target module name: rank}: rank_pattern or rank, times rank_scale, at most the weight's rank."""
+    ranks = {}
+    for name, module in target_modules(backbone, cfg.target_modules).items():
+        if linear_only and not isinstance(module, nn.Linear):
+            continue
+        limit = min(module.weight.shape[0], module.weight[0].numel())
+        ranks[name] = scaled(pattern_rank(name, cfg) or cfg.rank, cfg, limit)
+    return ranks
 
 
-def _merge(backbone):
+def lora_config(backbone: nn.Module, cfg, linear_only: bool = False, **extra):
+    """A peft LoraConfig with explicit per-module ranks (exact names), so peft and we agree on them."""
+    from peft import LoraConfig
+
+    ranks = module_ranks(backbone, cfg, linear_only)
+    if not ranks:
+        raise ValueError(f"finetune.target_modules: no Linear layer among the targets of {cfg.method}")
+    base = scaled(cfg.rank, cfg)
+    pattern = {re.escape(name): r for name, r in ranks.items() if r != base}
+    # alpha = 2 x rank by default: the update's scale (alpha / r) stays the same at every rank.
+    alpha = cfg.alpha or 2 * base
+    alpha_pattern = {} if cfg.alpha else {key: 2 * r for key, r in pattern.items()}
+    return LoraConfig(
+        r=base,
+        lora_alpha=alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=sorted(ranks),
+        rank_pattern=pattern,
+        alpha_pattern=alpha_pattern,
+        **extra,
+    )
+
+
+def merge_peft(backbone):
     return backbone.merge_and_unload()
 
 
-def _save(backbone, folder):
+def save_peft(backbone, folder):
     backbone.save_pretrained(str(folder))
 
 
-@register_adapter("lora", export=_merge, save_adapter=_save)
-def apply_lora(backbone, cfg):
-    from peft import LoraConfig, get_peft_model
+def load_peft(backbone, folder):
+    from peft import PeftModel
 
-    targets = cfg.target_modules or default_targets(backbone)
-    if not any(re.fullmatch(targets, name) for name, _ in backbone.named_modules()):
-        raise ValueError(f"finetune.target_modules: {targets!r} matches no module of the model")
-    config = LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha or 2 * cfg.rank,
-        lora_dropout=cfg.dropout,
-        target_modules=targets,
-    )
-    return get_peft_model(backbone, config)
+    return PeftModel.from_pretrained(backbone, str(folder))
+
+
+@register_adapter("lora", export=merge_peft, save_adapter=save_peft, load_adapter=load_peft)
+def apply_lora(backbone, cfg):
+    from peft import get_peft_model
+
+    return get_peft_model(backbone, lora_config(backbone, cfg))
+
+
+from system.adapters import dora, pissa  # noqa: E402,F401  (variants built on lora_config)

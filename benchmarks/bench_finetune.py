@@ -1,0 +1,192 @@
+"""Fine-tuning methods on CIFAR-10 from one pretrained artifact: top-1 vs trainable parameters.
+
+    .venv/bin/python benchmarks/bench_finetune.py [--steps 300] [--pretrain-steps 600] [--model test_resnet]
+
+Transfer setup, small enough for a 2-core CPU (about 5-8 minutes): a supervised pretrain
+on CIFAR-10's classes 0-4 gives the starting model artifact (written with
+system.models.save_model, loaded with model.init like a real run); every method then
+fine-tunes on classes 5-9 for the same number of steps (equal budget) with the same data
+order, the model built by system.train.build_model and optimised by its
+build_optimizer (system.optim: AdamW, 10x head lr, cosine). Top-1 is on CIFAR-10's test images of
+classes 5-9. Prints a table and the svfit/lora-r8 ratios (accuracy gap, parameter ratio)
+against the goal (within 1 point of lora r=8 with >= 10x fewer trainable parameters),
+and appends a dated row with the machine to benchmarks/RESULTS.md. Plain in-process
+torch loops (no Ray): this measures the methods, not the distribution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from common import machine  # benchmarks/common.py (scripts run by path)
+from PIL import Image
+
+from system.adapters import count_parameters
+from system.config import build_config
+from system.models import Embedder, save_model
+from system.optim import build_optimizer, cosine_with_warmup
+from system.train import build_model, train_mode
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10"
+MEAN, STD = np.array([0.4914, 0.4822, 0.4465]), np.array([0.2470, 0.2435, 0.2616])
+# (label, finetune overrides, lr)
+METHODS = [
+    ("full", {"method": "full"}, 1e-3),
+    ("linear", {"method": "linear"}, 1e-3),
+    ("norm", {"method": "norm"}, 1e-2),
+    ("lora r=4", {"method": "lora", "rank": 4}, 3e-3),
+    ("lora r=8", {"method": "lora", "rank": 8}, 3e-3),
+    ("lora r=16", {"method": "lora", "rank": 16}, 3e-3),
+    ("svfit", {"method": "svfit", "energy": 0.99}, 1e-2),
+]
+
+
+def load(split: str, classes: range, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode up to `per_class` images of each class into a normalised float tensor."""
+    table = pq.read_table(CIFAR / f"{split}.parquet", columns=["image", "label"])
+    labels = np.asarray(table.column("label").to_numpy(), dtype=np.int64)
+    keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes])
+    images = table.column("image").take(keep).to_pylist()
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB").resize((32, 32))) for b in images])
+    x = torch.from_numpy(((pixels / 255.0 - MEAN) / STD).astype(np.float32)).permute(0, 3, 1, 2).contiguous()
+    return x, torch.from_numpy(labels[keep] - classes.start)
+
+
+def config(model: str, init: str | None, lr: float, steps: int, finetune: dict):
+    return build_config(
+        {
+            "model": {"name": model, "init": init},
+            "objective": {"name": "supervised"},
+            "finetune": finetune,
+            "train": {"lr": lr, "max_steps": steps, "weight_decay": 0.05},
+        }
+    )
+
+
+def fit(module, cfg, job, x, y, steps, batch, seed=0) -> float:
+    head_scale = cfg.finetune.head_lr_scale if job == "finetune" else 1.0
+    optimizer = build_optimizer(module, cfg.train, head_scale)
+    scheduler = cosine_with_warmup(optimizer, steps // 20, steps)
+    order = torch.Generator().manual_seed(seed)  # same data order for every method
+    train_mode(module)
+    start = time.perf_counter()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=order)
+        images = x[idx]
+        flip = torch.rand(batch, generator=order) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        loss, _ = module({"image": images, "label": y[idx]})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def top1(module, x, y) -> float:
+    module.eval()
+    correct = sum(
+        (module.objective.head(module.backbone(x[i : i + 500])).argmax(-1) == y[i : i + 500]).sum().item()
+        for i in range(0, len(x), 500)
+    )
+    return correct / len(x)
+
+
+def pretrain(args) -> str:
+    """Supervised pretraining on classes 0-4: the starting artifact every method fine-tunes from."""
+    x_pre, y_pre = load("train", range(0, 5), 5000)
+    torch.manual_seed(0)
+    cfg = config(args.model, None, 2e-3, args.pretrain_steps, {})
+    module = build_model(cfg, "pretrain", 5)
+    seconds = fit(module, cfg, "pretrain", x_pre, y_pre, args.pretrain_steps, args.batch)
+    artifact = Path(tempfile.mkdtemp(prefix="bench-finetune-")) / "pretrain"
+    save_model(
+        str(artifact),
+        Embedder(module.backbone),
+        {"timm_name": args.model, "timm_kwargs": {}, "preprocessing": {"size": 32}},
+    )
+    print(f"pretrained on classes 0-4 ({len(x_pre)} images) in {seconds:.0f}s -> {artifact}", flush=True)
+    return str(artifact)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="test_resnet")
+    parser.add_argument("--pretrain-steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps per method (equal budget)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--per-class", type=int, default=1000, help="fine-tuning training images per class")
+    parser.add_argument("--only", nargs="*", help="run only these methods (labels as printed), no record")
+    parser.add_argument(
+        "--lr", nargs="*", default=[], help="override a method's lr: LABEL=LR, e.g. svfit=0.05"
+    )
+    parser.add_argument("--init", help="reuse a starting artifact this script wrote (skips the pretrain)")
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    started = time.perf_counter()
+
+    x_ft, y_ft = load("train", range(5, 10), args.per_class)
+    x_test, y_test = load("test", range(5, 10), 1000)
+    print(f"data: fine-tune {len(x_ft)}, test {len(x_test)} images", flush=True)
+    artifact = args.init or pretrain(args)
+
+    rows, lrs = [], dict(item.rsplit("=", 1) for item in args.lr)
+    for label, finetune, lr in METHODS:
+        if args.only and label not in args.only:
+            continue
+        lr = float(lrs.get(label, lr))
+        torch.manual_seed(0)
+        cfg = config(args.model, str(artifact), lr, args.steps, finetune)
+        module = build_model(cfg, "finetune", 5)
+        backbone_trainable, backbone_total = count_parameters(module.backbone)
+        seconds = fit(module, cfg, "finetune", x_ft, y_ft, args.steps, args.batch)
+        acc = top1(module, x_test, y_test)
+        rows.append((label, acc, backbone_trainable, backbone_total, seconds, lr))
+        print(
+            f"{label:10s} top-1 {100 * acc:5.2f}%  trainable {backbone_trainable:>7,d} "
+            f"(backbone, + head)  lr {lr:g}  {seconds:.0f}s",
+            flush=True,
+        )
+
+    by = {r[0]: r for r in rows}
+    if args.only:
+        return
+    svfit, lora8 = by["svfit"], by["lora r=8"]
+    gap = 100 * (lora8[1] - svfit[1])
+    ratio = lora8[2] / max(1, svfit[2])
+    verdict = "met" if gap <= 1 and ratio >= 10 else "not met"
+    print(
+        f"\nsvfit vs lora r=8: {gap:+.2f} points behind, {ratio:.1f}x fewer trainable backbone parameters "
+        f"(goal: <= 1 point, >= 10x: {verdict}); total {time.perf_counter() - started:.0f}s"
+    )
+    if not args.no_record:
+        table = "; ".join(f"{r[0]} {100 * r[1]:.1f}% / {r[2]:,d} (lr {r[5]:g})" for r in rows)
+        setup = (
+            f"{args.model}, CIFAR-10 32px, supervised pretrain cls 0-4 {args.pretrain_steps} steps, "
+            f"fine-tune cls 5-9 "
+            f"{len(x_ft)} imgs {args.steps} steps x {args.batch}; top-1 / trainable backbone params: {table}"
+        )
+        row = (
+            f"| {date.today()} | bench_finetune.py | {setup} | svfit {100 * svfit[1]:.1f}% "
+            f"{svfit[2]:,d} params | lora r=8 {100 * lora8[1]:.1f}% {lora8[2]:,d} params | "
+            f"{gap:+.2f} pt, {ratio:.1f}x fewer ({verdict}) | {machine()} |\n"
+        )
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as out:
+            out.write(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Serving overhead: /v1/embed throughput and /v1/search latency vs the same work in-process.
+
+    .venv/bin/python benchmarks/bench_serve.py [--model test_resnet] [--requests 600] [--repeats 3]
+
+Measured in one run, on loopback, with a bounded asyncio httpx load generator (a fixed
+request count, `--concurrency` in flight):
+- /v1/embed images/s at saturation (1 image per request, dynamic batching up to
+  --batch-size) vs a bare in-process loop (decode + preprocess + forward) at the same
+  batch size; and the same app with max_batch_size=1, for the gain of dynamic batching.
+- /v1/search by vector (k=10, one request at a time) p50/p99 vs VectorIndex.search in
+  process; the difference of the p50s is the serving overhead in ms.
+Medians of --repeats; rows are appended to benchmarks/RESULTS.md with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import statistics
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+from common import machine  # benchmarks/common.py (scripts run by path)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def load(url: str, path: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float]]:
+    """POST every body once, `concurrency` at a time; (seconds, per-request latencies). Any non-200 aborts."""
+    import httpx
+
+    queue = list(enumerate(bodies))
+    latencies: list[float] = []
+
+    async def worker(client):
+        while queue:
+            _, body = queue.pop()
+            start = time.perf_counter()
+            response = await client.post(path, json=body)
+            latencies.append(time.perf_counter() - start)
+            if response.status_code != 200:
+                raise RuntimeError(f"{path}: {response.status_code} {response.text[:200]}")
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return time.perf_counter() - start, latencies
+
+
+def append_rows(rows: list[tuple]) -> None:
+    with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
+        for setup, ours, base, ratio in rows:
+            f.write(
+                f"| {date.today()} | bench_serve.py | {setup} | {ours} | {base} | {ratio} | {machine()} |\n"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="test_resnet")
+    parser.add_argument("--requests", type=int, default=600, help="embed requests per measurement")
+    parser.add_argument("--search-requests", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    import pyarrow.parquet as pq
+    import ray
+    import torch
+
+    from serve.app import start_app, stop_app
+    from system import storage
+    from system.data import digits_dataset
+    from system.embed import embed_images, embeddings_metadata, embeddings_table
+    from system.index import build_index, open_index
+    from system.models import Embedder, create_backbone, save_model
+    from system.transforms import eval_transform, images_to_tensor, preprocessing_config
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    table = pq.read_table(storage.parquet_files(digits_dataset(str(work / "digits"))[0]))
+    ids, images = table.column("id").to_pylist(), table.column("image").to_pylist()
+    backbone = create_backbone(args.model, {})
+    meta = {"timm_name": args.model, "timm_kwargs": {}, "preprocessing": preprocessing_config(backbone, 32)}
+    model = Embedder(backbone).eval()
+    meta = save_model(str(work / "model"), model, meta)
+    with torch.inference_mode():
+        vectors = embed_images(model, meta["preprocessing"], images)
+    (work / "emb").mkdir()
+    pq.write_table(embeddings_table(ids, vectors, {}, embeddings_metadata(meta)), work / "emb" / "p.parquet")
+    build_index(str(work / "emb"), str(work / "index"), progress=False)
+
+    # Baseline 1: decode + preprocess + forward in this process, batch by batch.
+    transform = eval_transform(meta["preprocessing"])
+    torch.set_num_threads(os.cpu_count())
+    sample = [images[i % len(images)] for i in range(args.requests)]
+
+    def bare() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(sample), args.batch_size):
+                model.embed(torch.from_numpy(images_to_tensor(sample[i : i + args.batch_size], transform)))
+        return len(sample) / (time.perf_counter() - start)
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    bodies = [{"images": [base64.b64encode(d).decode()]} for d in sample]
+    app = {"model": str(work / "model"), "index": str(work / "index"), "max_queued_requests": -1}
+    results = {}
+    for batch in (args.batch_size, 1):
+        url = start_app({**app, "max_batch_size": batch, "batch_wait_timeout_s": 0.005}, port=8123)
+        asyncio.run(load(url, "/v1/embed", bodies[:64], args.concurrency))  # warm-up
+        results[batch] = statistics.median(
+            len(bodies) / asyncio.run(load(url, "/v1/embed", bodies, args.concurrency))[0]
+            for _ in range(args.repeats)
+        )
+        if batch == args.batch_size:
+            queries = [
+                {"vectors": [vectors[i % len(vectors)].tolist()], "k": 10}
+                for i in range(args.search_requests)
+            ]
+            asyncio.run(load(url, "/v1/search", queries[:50], 1))
+            served = [asyncio.run(load(url, "/v1/search", queries, 1))[1] for _ in range(args.repeats)]
+        stop_app()
+    ray.shutdown()
+    bare_rate = statistics.median(bare() for _ in range(args.repeats))
+
+    index = open_index(str(work / "index"))
+    local = []
+    for _ in range(args.repeats):
+        for i in range(args.search_requests):
+            start = time.perf_counter()
+            index.search(vectors[i % len(vectors)][None], 10)
+            local.append(time.perf_counter() - start)
+    lat = [x for run in served for x in run]
+    p50, p99 = np.percentile(lat, 50) * 1e3, np.percentile(lat, 99) * 1e3
+    l50, l99 = np.percentile(local, 50) * 1e3, np.percentile(local, 99) * 1e3
+
+    rows = [
+        (
+            f"/v1/embed {args.model} 32px, 1 img/req, {args.concurrency} in flight, batch {args.batch_size}",
+            f"{results[args.batch_size]:.0f} img/s",
+            f"{bare_rate:.0f} img/s in-process batch {args.batch_size}",
+            f"{results[args.batch_size] / bare_rate:.2f}",
+        ),
+        (
+            "/v1/embed dynamic batching gain",
+            f"{results[args.batch_size]:.0f} img/s (batch {args.batch_size})",
+            f"{results[1]:.0f} img/s (max_batch_size 1)",
+            f"{results[args.batch_size] / results[1]:.2f}",
+        ),
+        (
+            f"/v1/search by vector k=10, {len(ids)} items Flat, sequential",
+            f"p50 {p50:.2f} ms, p99 {p99:.2f} ms",
+            f"in-process p50 {l50:.3f} ms, p99 {l99:.3f} ms",
+            f"overhead p50 {p50 - l50:.2f} ms",
+        ),
+    ]
+    for row in rows:
+        print(" | ".join(row))
+    append_rows(rows)
+
+
+if __name__ == "__main__":
+    main()

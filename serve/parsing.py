@@ -1,0 +1,203 @@
+"""Request parsing for the ingress: bodies within limits, images checked before any replica sees them.
+
+Two body encodings for every image route: multipart parts named `image` (plus text fields
+such as `id` or `name`, in order), or JSON with base64 strings. Every rejection is an
+`ApiError` (status, code, message) that the app turns into `{"error": {"code", "message"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from serve.schemas import AppArgs
+from system.data import check_image
+
+
+class ApiError(Exception):
+    """A client error, turned into the JSON error shape by the app's exception handler."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def pydantic_message(errors) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors)
+
+
+@dataclass
+class ParsedQuery:
+    images: list[bytes] | None = None
+    vectors: list[list[float]] | None = None
+    ids: list[str] | None = None
+    k: int | None = None
+    mode: str | None = None
+    name: str | None = None
+    metadata: list[dict] | None = None
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refused as soon as it is known to exceed `max_bytes`."""
+    too_large = ApiError(413, "body_too_large", f"request body exceeds {max_bytes} bytes")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():  # chunked uploads carry no content-length
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_large
+    return bytes(body)
+
+
+async def parse_multipart(request: Request, body: bytes, max_images: int) -> ParsedQuery:
+    async def replay():
+        yield body
+
+    parser = MultiPartParser(request.headers, replay(), max_files=max_images, max_fields=max_images + 16)
+    try:
+        form = await parser.parse()
+    except MultiPartException as err:
+        if err.message.startswith("Too many files"):
+            raise ApiError(413, "too_many_images", f"at most {max_images} images per request") from None
+        raise ApiError(400, "invalid_multipart", err.message) from None
+    except ValueError as err:  # python-multipart's parse errors
+        raise ApiError(400, "invalid_multipart", str(err)) from None
+    try:
+        images = []
+        for part in form.getlist("image"):
+            if not isinstance(part, UploadFile):
+                raise ApiError(400, "invalid_image", "part 'image' must be a file (send it with a filename)")
+            images.append(await part.read())
+        texts = {key: [v for v in form.getlist(key) if isinstance(v, str)] for key in ("id", "name")}
+    finally:
+        await form.close()
+    if not images:
+        raise ApiError(422, "validation_error", "image: multipart body needs one or more parts named 'image'")
+    return ParsedQuery(
+        images=images, ids=texts["id"] or None, name=texts["name"][0] if texts["name"] else None
+    )
+
+
+def decode_base64(text: str, position: int) -> bytes:
+    if text.startswith("data:"):  # data URLs, as browsers produce them
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "bad_base64", f"images.{position}: not valid base64") from None
+
+
+def parse_json(body: bytes, schema) -> ParsedQuery:
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ApiError(400, "invalid_json", f"body is not valid JSON: {err}") from None
+    try:
+        request = schema.model_validate(payload)
+    except ValidationError as err:
+        raise ApiError(422, "validation_error", pydantic_message(err.errors())) from None
+    images = getattr(request, "images", None)
+    fields = {
+        name: getattr(request, name, None) for name in ("vectors", "ids", "k", "mode", "name", "metadata")
+    }
+    return ParsedQuery(
+        images=[decode_base64(text, i) for i, text in enumerate(images)] if images is not None else None,
+        **fields,
+    )
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image header alone, or None when it is no image PIL knows."""
+    # PIL cannot size a PNG whose chunks stop after IHDR, yet a bomb may be just that.
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:  # lazy: parses the header, decodes nothing
+                return img.size
+    except Image.DecompressionBombError:  # over PIL's own, far larger, limit
+        return (1 << 31, 1)
+    except Exception:  # not an image at all: check_image gives the reason
+        return None
+
+
+def too_many_pixels(data: bytes, max_pixels: int) -> str | None:
+    """Why the image's header claims too many pixels, or None. Nothing is decoded."""
+    size = header_size(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        return f"{size[0]}x{size[1]} is {size[0] * size[1]} pixels; at most {max_pixels}"
+    return None
+
+
+def check_images(images: list[bytes], max_pixels: int) -> None:
+    """Header sizes first (a decompression bomb is never decoded), then a full decode of each."""
+    for i, data in enumerate(images):
+        reason = too_many_pixels(data, max_pixels)
+        if reason is not None:
+            raise ApiError(413, "too_many_pixels", f"image {i}: {reason}")
+    for i, data in enumerate(images):
+        reason = check_image(data)  # truncated payloads only fail in a full decode
+        if reason is not None:
+            raise ApiError(400, "invalid_image", f"image {i}: {reason}")
+
+
+async def read_query(request: Request, schema, args: AppArgs) -> ParsedQuery:
+    """Body -> validated query: within limits, every image decodable (so replicas never see a bad one)."""
+    body = await read_body(request, args.max_body_bytes)
+    if not body:
+        raise ApiError(400, "empty_body", "empty body: send multipart parts named 'image' or a JSON object")
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "multipart/form-data":
+        query = await parse_multipart(request, body, args.max_images)
+    elif media_type == "application/json" or media_type.endswith("+json"):
+        query = parse_json(body, schema)
+    else:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"content type {media_type or '(none)'!r}: use multipart/form-data or application/json",
+        )
+    for name in ("images", "vectors", "ids"):
+        items = getattr(query, name)
+        if items is not None and len(items) > args.max_images:
+            raise ApiError(
+                413, f"too_many_{name}", f"{len(items)} {name}: at most {args.max_images} per request"
+            )
+    if query.images is not None:
+        # Off the event loop: decoding is CPU work and the ingress serves other requests meanwhile.
+        await asyncio.to_thread(check_images, query.images, args.max_image_pixels)
+    return query
+
+
+def resolve_k(body_k: int | None, query_k: int, max_k: int) -> int:
+    k = query_k if body_k is None else body_k
+    if not 1 <= k <= max_k:
+        raise ApiError(422, "invalid_k", f"k: must be between 1 and {max_k}, got {k}")
+    return k
+
+
+def query_vectors(vectors: list[list[float]]) -> np.ndarray:
+    """Rectangular and finite as float32; the dimension is the retriever's to check (it can change)."""
+    lengths = {len(v) for v in vectors}
+    if len(lengths) != 1:
+        raise ApiError(422, "invalid_vector", f"vectors: all need the same length, got {sorted(lengths)}")
+    array = np.asarray(vectors, dtype=np.float32)
+    if not np.isfinite(array).all():  # finite doubles can still overflow float32
+        raise ApiError(422, "invalid_vector", "vectors: values must be finite float32 numbers")
+    return array
