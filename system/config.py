@@ -49,6 +49,11 @@ class DataConfig(Section):
         None, ge=8, le=1024, description="input size in pixels; none = the timm model's default"
     )
     limit: int | None = Field(None, ge=1, description="use only the first N rows (smoke runs)")
+    shuffle: Literal["global", "local", "none"] = Field(
+        "global",
+        description="training order: global (Ray Data random_shuffle, new order every epoch), "
+        "local (a 10-batch buffer per worker: cheap, for pre-shuffled data) or none",
+    )
 
 
 class ModelConfig(Section):

@@ -233,7 +233,10 @@ def train_loop_per_worker(config: dict) -> None:
     while step < total_steps:
         batch_in_epoch = 0
         for batch in train_shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size, drop_last=True, device=device
+            batch_size=cfg.train.batch_size,
+            drop_last=True,
+            device=device,
+            local_shuffle_buffer_size=10 * cfg.train.batch_size if cfg.data.shuffle == "local" else None,
         ):
             batch_in_epoch += 1
             if batch_in_epoch <= skip:
@@ -410,6 +413,8 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=()):
     # Their progress bars would interleave with the workers' progress lines: off.
     ray.data.DataContext.get_current().enable_progress_bars = False
     train = read_dataset(cfg.data.train, cfg.data.limit)
+    if cfg.data.shuffle == "global":  # datasets are often sorted by class (CIFAR-10's files are)
+        train = train.random_shuffle()  # shuffles the encoded rows, before decoding
     # Small batches: a worker's first step waits for one batch, not for a 1,024-image block.
     batch = cfg.train.batch_size
     datasets = {
