@@ -206,7 +206,7 @@ def cifar_subset(cifar10_dir, tmp_path_factory) -> tuple[str, str]:
 
 def sweep_tree(train: str, val: str, storage) -> dict:
     return {
-        "data": {"train": train, "val": val, "image_size": 32, "shuffle": "local"},  # drawn at random
+        "data": {"train": train, "val": val, "image_size": 32},
         "model": {"name": "test_resnet", "kwargs": {}},
         "finetune": {"method": "lora", "rank": 4},
         "train": {"workers": 1, "cpus_per_worker": 0.5, "batch_size": 32, "max_steps": 16, "eval_every": 4},

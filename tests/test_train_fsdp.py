@@ -30,7 +30,7 @@ def test_fsdp_run_survives_a_killed_worker_and_resumes_on_one_worker(
 ):
     train, val = digits_data
     tree = {
-        "data": {"train": train, "val": val, "image_size": 32, "shuffle": "local"},
+        "data": {"train": train, "val": val, "image_size": 32},
         "model": {"name": "test_resnet"},
         "objective": {"name": "supervised"},
         "train": {
