@@ -25,7 +25,7 @@ import ray
 from pydantic import ValidationError
 from ray import serve
 
-from serve.auth import TokenError, token_sha256
+from serve.auth import TOKEN_ENV, TokenError, token_sha256
 from serve.classes import ClassesDeployment
 from serve.deployments import EmbedderDeployment, RetrieverDeployment
 from serve.ingress import RepforgeIngress
@@ -196,9 +196,15 @@ def start_app(
     deadline = time.monotonic() + timeout_s
     args = cfg.model_dump(mode="json", exclude_defaults=True)
     _deployed.update(args=args, current=args, versions=user_configs(cfg, classifier_uri))
-    _deploy(deadline)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
-    _wait_healthy(url, deadline)
+    try:
+        _deploy(deadline)
+        _wait_healthy(url, deadline)
+        if token_sha256(cfg.token_file):
+            _check_auth_on(url)
+    except BaseException:  # a failed start must not leave replicas holding the cluster's resources
+        stop_app()
+        raise
     return url
 
 
@@ -221,6 +227,10 @@ def swap_versions(
     }
     cfg, _, classifier_uri = resolve_args(old.model_copy(update=changes))
     versions = user_configs(cfg, classifier_uri)
+    # Whether /v1/classify has a head is wired into the ingress when it is built.
+    if bool(classifier_uri) != bool(resolve_args(old)[2]):
+        change = "adds a classification head" if classifier_uri else "drops the classification head"
+        raise ServeArgsError(f"swap: the new model {change}; deploy it anew with start_app")
     if set(versions) != set(_deployed["versions"]):
         raise ServeArgsError(
             f"swap: the new versions need deployments {sorted(versions)}, the app has "
@@ -274,6 +284,18 @@ def _wait_healthy(url: str, deadline: float) -> None:
             pass
         time.sleep(0.5)
     raise RuntimeError(f"the serve app did not answer {url}/v1/health in time")
+
+
+def _check_auth_on(url: str) -> None:
+    """The app is built where Serve builds it, whose environment may lack REPFORGE_API_TOKEN:
+    a token configured here must show as a 401 there, or the app would run open."""
+    import httpx
+
+    if httpx.get(f"{url}/v1/info", timeout=10.0).status_code != 401:
+        raise ServeArgsError(
+            f"{TOKEN_ENV} is set here but the app was built without it (a cluster started before it "
+            "was set?); set it on the cluster or pass token_file"
+        )
 
 
 def stop_app() -> None:

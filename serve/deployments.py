@@ -157,10 +157,14 @@ class RetrieverDeployment:
         from system.models import read_meta
 
         uri = config["index"]
-        if self.current is not None and self.current.uri == uri:
+        model = (await asyncio.to_thread(read_meta, config["model"])).get("fingerprint")
+        if self.current is not None and self.current.uri == uri:  # a model-only swap: check the pair
+            if self.current.fingerprint and model and self.current.fingerprint != model:
+                built = self.current.fingerprint
+                self.refused = f"index {uri} was built from model {built}, but model {model} is served"
+                log.error("index does not match the new model: %s", self.refused)
             return
         index = await asyncio.to_thread(open_index, uri)
-        model = (await asyncio.to_thread(read_meta, config["model"])).get("fingerprint")
         if index.fingerprint and model and index.fingerprint != model:
             message = f"index {uri} was built from model {index.fingerprint}, but model {model} is served"
             if self.current is None:

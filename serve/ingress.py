@@ -79,6 +79,9 @@ async def guard(request: Request, call_next):
             response = await asyncio.wait_for(call_next(request), auth.RUNTIME["timeout_s"])
         except asyncio.TimeoutError:
             response = _error(504, "timeout", f"no answer within {auth.RUNTIME['timeout_s']} s")
+        except Exception:  # a bug: counted here, answered by the 500 handler
+            metrics.observe_request(path if path in ROUTES else "other", request.method, 500, 0.0)
+            raise
     metrics.observe_request(
         path if path in ROUTES else "other",
         request.method,
@@ -172,7 +175,9 @@ class RepforgeIngress:
         self._metric: str | None = None
 
     def deadline(self) -> float:
-        return time.monotonic() + self.args.request_timeout_s
+        # When `call` stops waiting out a version swap (409). Half the request timeout: the
+        # timeout itself (504) counts from the request's arrival, before the body was read.
+        return time.monotonic() + self.args.request_timeout_s / 2
 
     async def embed_images(self, images: list[bytes], deadline: float) -> dict:
         out = await call(self.embedder.embed, images, deadline=deadline)
@@ -297,6 +302,8 @@ class RepforgeIngress:
         self.need_index()
         query = await read_query(request, SearchRequest, self.args)
         k, deadline = resolve_k(query.k, k, self.args.max_k), self.deadline()
+        if query.ids is not None and query.images:  # multipart (JSON's schema refuses it itself)
+            raise ApiError(422, "validation_error", "give exactly one of images, vectors or ids")
         if query.ids is not None:
             return {"results": await self.search_ids(query.ids, k, deadline)}
         if query.vectors is not None:
@@ -371,9 +378,12 @@ class RepforgeIngress:
         if unknown:
             raise ApiError(404, "unknown_id", f"unknown ids: {unknown[:5]}")
         removed = 0
-        for shard in sorted(set(owners.values())):
-            picks = [i for i, s in owners.items() if s == shard]
-            removed += (await call(self.retrievers[shard].remove, picks, deadline=deadline))["removed"]
+        try:
+            for shard in sorted(set(owners.values())):
+                picks = [i for i, s in owners.items() if s == shard]
+                removed += (await call(self.retrievers[shard].remove, picks, deadline=deadline))["removed"]
+        except IndexInputError as err:  # e.g. HNSW and on-disk indexes cannot remove
+            raise ApiError(422, "invalid_item", _cause(err)) from None
         return {"added": 0, "replaced": 0, "removed": removed, "count": await self.count(deadline)}
 
     async def count(self, deadline: float) -> int:

@@ -54,6 +54,11 @@ class DataConfig(Section):
         description="training order: global (Ray Data random_shuffle, new order every epoch), "
         "local (a 10-batch buffer per worker: cheap, for pre-shuffled data) or none",
     )
+    hflip: bool = Field(
+        True,
+        description="random horizontal flips in the SSL views; false for digits, text and other "
+        "images that flipping changes the meaning of",
+    )
 
 
 class ModelConfig(Section):

@@ -62,9 +62,6 @@ __all__ = [
 
 INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.parquet", "manifest.json"
 
-# Kept under their old private names for callers of the single-module version.
-_matrix, _unique_ids, _few, _faiss_reason = as_matrix, unique_ids, few, faiss_reason
-
 
 def _check_k(k) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -199,7 +196,7 @@ class VectorIndex:
         ids = [str(i) for i in ids]
         unknown = [i for i in ids if i not in self._row]
         if unknown:
-            raise IndexInputError(f"unknown ids: {_few(unknown)}")
+            raise IndexInputError(f"unknown ids: {few(unknown)}")
         return np.array([self._row[i] for i in ids], dtype=np.int64)
 
     def _searcher(self) -> faiss.Index:
@@ -223,7 +220,7 @@ class VectorIndex:
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
         """Top-k ids per query and scores [n, min(k, len)]; scores past len(ids[i]) are padding."""
-        return self._search(_matrix(vectors, self.dim), _check_k(k))
+        return self._search(as_matrix(vectors, self.dim), _check_k(k))
 
     def reconstruct(self, ids: list[str]) -> np.ndarray:
         """The stored vectors of `ids` (decoded, so approximate for lossy codes such as PQ)."""
@@ -365,7 +362,7 @@ def evaluate_index(
     stored = index.reconstruct(index._ids.tolist())
     if queries is None:
         queries = stored[np.sort(np.random.default_rng(0).choice(n, min(num_queries, n), replace=False))]
-    queries = _matrix(queries, index.dim)
+    queries = as_matrix(queries, index.dim)
     exact = faiss.IndexFlatIP(index.dim) if index.metric == "ip" else faiss.IndexFlatL2(index.dim)
     exact.add(stored)
     report = {

@@ -418,7 +418,11 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=()):
     # Small batches: a worker's first step waits for one batch, not for a 1,024-image block.
     batch = cfg.train.batch_size
     datasets = {
-        "train": train.map_batches(preprocess_batch, batch_size=batch, fn_kwargs={"pre": pre, "mode": mode})
+        "train": train.map_batches(
+            preprocess_batch,
+            batch_size=batch,
+            fn_kwargs={"pre": pre, "mode": mode, "hflip": cfg.data.hflip},
+        )
     }
     if cfg.data.val:
         val = read_dataset(cfg.data.val)

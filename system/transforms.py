@@ -47,11 +47,11 @@ def eval_transform(pre: dict):
     )
 
 
-def ssl_view_transform(pre: dict):
+def ssl_view_transform(pre: dict, hflip: bool = True):
     """SimCLR-style augmentation, scaled down for small images (no blur below 64 px)."""
     steps = [
         v2.RandomResizedCrop(pre["size"], scale=(0.3, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
+        v2.RandomHorizontalFlip(p=0.5 if hflip else 0.0),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
     ]
@@ -67,18 +67,20 @@ def images_to_tensor(images, transform) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_transform(pre_json: str, mode: str):
+def _cached_transform(pre_json: str, mode: str, hflip: bool):
     pre = json.loads(pre_json)
-    return ssl_view_transform(pre) if mode == "ssl" else eval_transform(pre)
+    return ssl_view_transform(pre, hflip) if mode == "ssl" else eval_transform(pre)
 
 
-def preprocess_batch(batch: dict, pre: dict, mode: str = "eval", keep: tuple[str, ...] = ("label",)) -> dict:
+def preprocess_batch(
+    batch: dict, pre: dict, mode: str = "eval", keep: tuple[str, ...] = ("label",), hflip: bool = True
+) -> dict:
     """For Ray Data `map_batches` (as tasks): decode and transform a batch of rows.
 
-    mode "eval" -> column `image`; mode "ssl" -> two augmented views `view1`, `view2`.
-    Columns listed in `keep` pass through unchanged.
+    mode "eval" -> column `image`; mode "ssl" -> two augmented views `view1`, `view2`
+    (`hflip` false: no horizontal flips). Columns listed in `keep` pass through unchanged.
     """
-    transform = _cached_transform(json.dumps(pre, sort_keys=True), mode)
+    transform = _cached_transform(json.dumps(pre, sort_keys=True), mode, hflip)
     out = {k: batch[k] for k in keep if k in batch}
     if mode == "ssl":
         out["view1"] = images_to_tensor(batch["image"], transform)

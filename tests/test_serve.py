@@ -321,6 +321,12 @@ BAD_INPUTS = {
         "invalid_multipart",
     ),
     "unknown route": ("/v1/nothing", {"json": {}}, 404, "not_found"),
+    "image and id in one search (multipart)": (
+        "/v1/search",
+        {"files": multipart([PNG]), "data": {"id": "x"}},
+        422,
+        "validation_error",
+    ),
 }
 
 

@@ -1,9 +1,11 @@
-"""FSDP2 training under Ray Train, end to end: a worker killed mid-run, then a resume on fewer workers.
+"""FSDP2 training under Ray Train, end to end: a worker killed mid-run.
 
 Real Ray Train (2 gloo workers on the session's local Ray), real timm model, real
 digits. The fault-injection hook (REPFORGE_FAIL_AT_STEP, read by the driver) makes the
 last rank exit hard at that step, once; with max_failures=1 the run must restart from
-its last checkpoint and finish.
+its last checkpoint and finish. Resuming a sharded checkpoint on another number of
+workers is tested without Ray (tests/test_parallel.py): a third Ray Train start-up here
+cost a minute of the suite's time budget.
 """
 
 from __future__ import annotations
@@ -25,9 +27,7 @@ def read_metrics(root, run: str) -> list[dict]:
     return [json.loads(line) for line in (root / run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_fsdp_run_survives_a_killed_worker_and_resumes_on_one_worker(
-    ray_local, digits_data, tmp_path, monkeypatch
-):
+def test_fsdp_run_survives_a_killed_worker(ray_local, digits_data, tmp_path, monkeypatch):
     train, val = digits_data
     tree = {
         "data": {"train": train, "val": val, "image_size": 32},
@@ -63,13 +63,6 @@ def test_fsdp_run_survives_a_killed_worker_and_resumes_on_one_worker(
     checkpoints = sorted(p for p in (tmp_path / "_ray" / "fsdp").glob("checkpoint_*") if p.is_dir())
     assert checkpoints and len(list((checkpoints[-1] / "state").glob("*.distcp"))) >= 1
 
-    # The same run on 1 worker, longer: resumes from the 2-worker sharded checkpoint at step 12.
-    tree["train"].update(workers=1, max_steps=16, cpus_per_worker=1.0)
-    run_training(build_config(tree), "pretrain")
-    steps = [line["step"] for line in read_metrics(tmp_path, "fsdp")]
-    assert steps == [4, 8, 12, 16], steps  # continued from 12, not restarted from 0
-    assert json.loads((tmp_path / "fsdp" / "model" / "model.json").read_text())["metrics"]["step"] == 16
-
     # `repforge runs show` on the finished run: a table row per report and a real PNG.
     done = subprocess.run(
         [sys.executable, "-m", "system.cli", "runs", "show", "fsdp", "--storage", str(tmp_path)],
@@ -79,6 +72,6 @@ def test_fsdp_run_survives_a_killed_worker_and_resumes_on_one_worker(
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout.strip().splitlines()
-    assert out[0].split()[:3] == ["step", "epoch", "loss"] and len(out) == 1 + 4 + 1
+    assert out[0].split()[:3] == ["step", "epoch", "loss"] and len(out) == 1 + 3 + 1
     assert (tmp_path / "fsdp" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out[-1].endswith("fsdp/curves.png")

@@ -8,7 +8,7 @@
 from another trial's checkpoint, which system/train.py does not take yet.
 `grid` turns every `choice` into a grid (continuous domains are refused); `optuna` is
 Optuna's TPE through Ray Tune's OptunaSearch; `optuna_mo` is multi-objective Optuna
-(maximise the metric, minimise `trainable_params`), whose trials then carry a Pareto
+(the metric in `sweep.mode`'s direction, and the fewest `trainable_params`), whose trials then carry a Pareto
 front. Every check raises ConfigError naming the key, before Ray starts.
 """
 
@@ -33,7 +33,7 @@ def check_search(cfg: JobConfig) -> None:
             raise ConfigError(f"sweep.space.{key}: search {sweep.search} samples; write choice, not grid")
     if sweep.scheduler == "pbt":
         # PBT clones a trial from another trial's checkpoint; the trial's Train run has to start
-        # from that checkpoint, which system.train does not accept yet (see build_scheduler).
+        # from that checkpoint, which system.train does not accept yet.
         raise ConfigError(
             "sweep.scheduler: pbt is not available yet (trials cannot start from another's checkpoint)"
         )
@@ -64,10 +64,9 @@ def build_searcher(cfg: JobConfig):
     return None
 
 
-def build_scheduler(cfg: JobConfig, reports: int, space: dict):
-    """ASHA (stops weak trials at rungs), PBT (exploits/explores checkpoints), or FIFO (none)."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
-    from ray.tune.search.sample import Domain
+def build_scheduler(cfg: JobConfig, reports: int):
+    """ASHA (stops weak trials at rungs) or FIFO (none); `pbt` is refused by check_search."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     sweep = cfg.sweep
     if sweep.scheduler == "asha":
@@ -79,15 +78,5 @@ def build_scheduler(cfg: JobConfig, reports: int, space: dict):
             max_t=reports,
             reduction_factor=2,
             stop_last_trials=False,  # a finished trial ends on its own, cleanly
-        )
-    if sweep.scheduler == "pbt":
-        # `space` holds Tune domains (what tune_space made): those mutate, fixed values stay.
-        mutations = {key: domain for key, domain in space.items() if isinstance(domain, Domain)}
-        return PopulationBasedTraining(
-            metric=sweep.metric,
-            mode=sweep.mode,
-            time_attr="training_iteration",
-            perturbation_interval=max(1, sweep.grace_period),
-            hyperparam_mutations={"overrides": mutations},
         )
     return FIFOScheduler()

@@ -6,7 +6,7 @@
 Each Tune trial is a small driver function that applies its overrides (dotted keys from
 `sweep.space`) to the base config and fits its own TorchTrainer, the one a plain
 `repforge finetune` would build; a TuneReportCallback forwards every report to Tune,
-where the scheduler (`sweep.scheduler`: ASHA, PBT or FIFO) stops weak trials early and
+where the scheduler (`sweep.scheduler`: ASHA or FIFO) stops weak trials early and
 the search algorithm (`sweep.search`: random, grid, Optuna TPE, multi-objective Optuna)
 proposes the next ones (tune/search.py). With `sweep.rank_prior` a spectrum pre-pass
 proposes `finetune.rank_pattern` (tune/ranks.py). The sweep folder
@@ -129,7 +129,9 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
     prior = None
     if cfg.sweep.rank_prior and job == "finetune":  # deterministic: recomputed on --resume too
         prior = spectrum_prior(cfg, cfg.sweep.rank_prior)
-        cfg.finetune.rank_pattern = {**prior, **cfg.finetune.rank_pattern}
+        # The user's patterns first: the first pattern that matches a module sets its rank.
+        user = cfg.finetune.rank_pattern
+        cfg.finetune.rank_pattern = {**user, **{k: v for k, v in prior.items() if k not in user}}
         print(f"[sweep] rank prior at energy {cfg.sweep.rank_prior}: {describe(prior)}", flush=True)
     name = cfg.run.name or f"sweep-{job}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_uri = storage.join(cfg.run.storage, name)
@@ -164,7 +166,7 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
             tune_config=tune.TuneConfig(
                 # The scheduler and searcher carry metric and mode (optuna_mo has two of each).
                 num_samples=cfg.sweep.num_samples,
-                scheduler=build_scheduler(cfg, reports, space),
+                scheduler=build_scheduler(cfg, reports),
                 search_alg=build_searcher(cfg),
                 max_concurrent_trials=cfg.sweep.max_concurrent or _max_concurrent(cfg),
             ),
