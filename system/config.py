@@ -132,11 +132,27 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0 = at the end only)")
     max_failures: int = Field(0, ge=0, description="restarts from the last checkpoint after a worker dies")
     keep_last: int | None = Field(2, ge=1, description="checkpoints kept (the newest); none = all")
+    keep_best: Literal["loss", "knn_acc", "val_acc", "val_top5", "rankme"] | None = Field(
+        None,
+        description="keep the keep_last checkpoints best by this metric (loss: lowest; the others: "
+        "highest) instead of the newest; the newest is kept too, to resume from",
+    )
 
     @model_validator(mode="after")
     def _length_given(self):
         if self.max_steps is None and self.epochs is None:
             self.epochs = 1
+        return self
+
+    @model_validator(mode="after")
+    def _best_is_measured_at_checkpoints(self):
+        # Evaluation metrics exist only at eval steps; a checkpoint without one would rank last.
+        every, eval_every = self.checkpoint_every, self.eval_every
+        if self.keep_best not in (None, "loss") and every and (not eval_every or every % eval_every):
+            raise ValueError(
+                f"keep_best {self.keep_best} is measured at evaluations only (eval_every={eval_every}): "
+                "set checkpoint_every to a multiple of eval_every, or to 0"
+            )
         return self
 
 

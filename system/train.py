@@ -360,6 +360,11 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
         raise ValueError(f"data.train: fine-tuning needs labelled data with class names ({cfg.data.train})")
     if cfg.data.val and not storage.exists(cfg.data.val):
         raise storage.StorageError(f"data.val: no such dataset: {cfg.data.val}")
+    best = cfg.train.keep_best
+    if best not in (None, "loss") and not cfg.data.val:
+        raise ValueError(f"train.keep_best: {best} is measured on data.val; set data.val")
+    if best in ("val_acc", "val_top5") and job == "pretrain" and cfg.objective.name != "supervised":
+        raise ValueError(f"train.keep_best: {best} needs a classifier (finetune, or objective supervised)")
     global_batch = cfg.train.batch_size * cfg.train.workers * cfg.train.accumulation_steps
     steps_per_epoch = rows // global_batch
     if steps_per_epoch == 0:
@@ -450,11 +455,22 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=()):
             name=plan["run_name"],
             storage_path=storage.join(storage_root, "_ray"),
             callbacks=list(callbacks),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last),
+            checkpoint_config=checkpoint_policy(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def checkpoint_policy(cfg: JobConfig) -> ray.train.CheckpointConfig:
+    """keep_last newest checkpoints, or keep_last best by `train.keep_best` (Ray Train keeps
+    the newest as well, so a restart resumes where the run stopped)."""
+    best = cfg.train.keep_best
+    return ray.train.CheckpointConfig(
+        num_to_keep=cfg.train.keep_last,
+        checkpoint_score_attribute=best,
+        checkpoint_score_order="min" if best == "loss" else "max",
     )
 
 

@@ -68,6 +68,14 @@ BAD_INPUTS = {
         ["pretrain", "--set", "objective.matryoshka_dims=[64,32]"],
         "objective",
     ),
+    "keep_best off the eval steps": (
+        ["pretrain", "--set", "train.keep_best=knn_acc", "--set", "train.checkpoint_every=5"],
+        "keep_best",
+    ),
+    "keep_best val_acc without a head": (
+        ["pretrain", "--config", "configs/quickstart.yaml", "--set", "train.keep_best=val_acc"],
+        "train.keep_best",
+    ),
     "no run to show": (["runs", "show", "/nonexistent-run"], "no metrics.jsonl"),
     "missing init": (
         ["finetune", "--config", "configs/quickstart.yaml", "--set", "model.init=/nope"],

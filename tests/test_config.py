@@ -167,3 +167,15 @@ def test_round_trip_as_plain_dict_after_overrides():
     plain = cfg.model_dump()
     assert isinstance(plain["train"], dict) and plain["train"]["max_steps"] == 7
     assert JobConfig.model_validate(plain) == cfg
+
+
+def test_checkpoint_policy_keeps_the_newest_or_the_best():
+    from system.train import checkpoint_policy
+
+    newest = checkpoint_policy(load_config(None, ["train.keep_last=3"]))
+    assert newest.num_to_keep == 3 and newest.checkpoint_score_attribute is None
+    lowest_loss = checkpoint_policy(load_config(None, ["train.keep_best=loss", "train.keep_last=1"]))
+    assert (lowest_loss.checkpoint_score_attribute, lowest_loss.checkpoint_score_order) == ("loss", "min")
+    every = ["train.keep_best=knn_acc", "train.eval_every=4", "train.checkpoint_every=8"]
+    best_knn = checkpoint_policy(load_config(None, every))
+    assert (best_knn.checkpoint_score_attribute, best_knn.checkpoint_score_order) == ("knn_acc", "max")
