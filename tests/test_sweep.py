@@ -185,7 +185,7 @@ def test_spectrum_prior_proposes_a_rank_per_target():
     assert count_parameters(lora)[0] == expected
 
 
-# -- a real ASHA sweep on a CIFAR-10 subset: interrupted, resumed, finished ---------------
+# -- a real ASHA sweep on digits: interrupted, resumed, finished -----------------------------
 
 
 def sweep_tree(train: str, val: str, storage) -> dict:
