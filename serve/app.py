@@ -137,7 +137,7 @@ def build_app(args: AppArgs | dict) -> serve.Application:
     versions = user_configs(cfg, classifier_uri)
     # Ask for a GPU only where the cluster has one; otherwise the replica would never be placed.
     has_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-    # Bounded queues: an overloaded app answers 503 at once instead of timing out.
+    # Bounded queues: an overloaded model or index answers 503 at once instead of timing out.
     limits = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,
@@ -169,7 +169,10 @@ def build_app(args: AppArgs | dict) -> serve.Application:
         for i in range(len(shards))
     ]
     classes = ClassesDeployment.bind(cfg.classes)
-    return RepforgeIngress.options(max_queued_requests=cfg.max_queued_requests).bind(
+    # The ingress keeps its own, larger queue (serve.ingress): it only parses and waits, and
+    # a request it sheds gets Serve's plain-text 503, while the deployments above shed with
+    # the JSON `overloaded` error.
+    return RepforgeIngress.bind(
         embedder, classifier, retrievers, classes, cfg.model_dump(), token_sha256(cfg.token_file)
     )
 

@@ -29,6 +29,40 @@ class VersionMismatch(ValueError):
     """Vectors from one model met an index (or prototypes) built from another; retry after a swap."""
 
 
+class PrefixDimError(ValueError):
+    """A Matryoshka `dim` the index cannot search with (not trained, or not an inner-product index)."""
+
+
+def prefix_queries(vectors: np.ndarray, dim: int | None, manifest: dict) -> np.ndarray:
+    """Queries scored on their first `dim` dimensions only (Matryoshka prefix search).
+
+    The prefix is renormalised (when the model normalises) and zero-padded to the index's
+    dimension, so any inner-product index (Flat, IVF, HNSW, PQ, sharded) scores an item by
+    the inner product of the query prefix with the item's first `dim` dimensions; no
+    second index is needed. Vectors may come with `dim` or with all dimensions.
+    """
+    full = int(manifest["dim"])
+    if dim is None or dim == full:
+        return vectors
+    trained = manifest.get("matryoshka_dims") or []
+    if dim not in trained:
+        raise PrefixDimError(
+            f"dim {dim}: the model was trained with Matryoshka dims {trained or 'none'}; "
+            f"use one of those or the full {full}"
+        )
+    if manifest["metric"] != "ip":  # zero-padding leaves L2 distances with the tail's norm in them
+        metric = manifest["metric"]
+        raise PrefixDimError(f"dim {dim}: prefix search needs an inner-product index, not {metric}")
+    if vectors.shape[1] not in (dim, full):
+        raise PrefixDimError(f"vectors: {vectors.shape[1]} dims; with dim {dim} send {dim} or {full}")
+    prefix = vectors[:, :dim]
+    if manifest.get("normalized", True):
+        prefix = prefix / np.maximum(np.linalg.norm(prefix, axis=1, keepdims=True), 1e-12)
+    padded = np.zeros((len(vectors), full), np.float32)
+    padded[:, :dim] = prefix
+    return padded
+
+
 @dataclass(frozen=True, eq=False)
 class ModelVersion:
     """Everything one request needs from a model, taken once so a swap cannot change it midway."""
@@ -184,13 +218,19 @@ class RetrieverDeployment:
                 return index
         raise VersionMismatch(f"no index for model {fingerprint} (serving {self.current.fingerprint})")
 
-    async def search(self, vectors: np.ndarray, k: int, fingerprint: str | None = None) -> list[list[dict]]:
+    async def search(
+        self, vectors: np.ndarray, k: int, fingerprint: str | None = None, dim: int | None = None
+    ) -> list[list[dict]]:
+        """Top-k hits of each query; `dim`: score on the first `dim` dimensions (prefix_queries)."""
         index = self._index_for(fingerprint)
-        return _hits(index, *index.search(vectors, k))
+        return _hits(index, *index.search(prefix_queries(vectors, dim, index.manifest), k))
 
-    async def search_by_id(self, ids: list[str], k: int) -> list[list[dict]]:
+    async def search_by_id(self, ids: list[str], k: int, dim: int | None = None) -> list[list[dict]]:
         """Neighbours of indexed items; an unknown id raises system.index.IndexInputError."""
-        return _hits(self.current, *self.current.search_by_id(ids, k))
+        index = self.current
+        if dim is None:
+            return _hits(index, *index.search_by_id(ids, k))
+        return _hits(index, *index.search(prefix_queries(index.reconstruct(ids), dim, index.manifest), k))
 
     async def present(self, ids: list[str]) -> list[str]:
         """The ids of `ids` held by this shard."""

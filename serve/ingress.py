@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from serve import auth, metrics
 from serve.classes import knn_vote
-from serve.deployments import VersionMismatch
+from serve.deployments import PrefixDimError, VersionMismatch
 from serve.parsing import ApiError, pydantic_message, query_vectors, read_query, resolve_k
 from serve.schemas import (
     AppArgs,
@@ -158,7 +158,9 @@ def merge_hits(per_shard: list[list[list[dict]]], k: int, metric: str) -> list[l
     ]
 
 
-@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+# Many requests at once: the ingress mostly waits on the handles. Its queue is a last guard
+# (Serve's router counts a burst awaiting assignment as queued), so it is long.
+@serve.deployment(max_ongoing_requests=256, max_queued_requests=1024, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class RepforgeIngress:
     """HTTP routes; parses and validates requests, then calls the model, index and classes handles."""
@@ -190,13 +192,17 @@ class RepforgeIngress:
         self._metric = infos[0]["metric"]
         return infos
 
-    async def search_vectors(self, vectors: np.ndarray, k: int, fingerprint, deadline: float) -> list:
+    async def search_vectors(
+        self, vectors: np.ndarray, k: int, fingerprint, deadline: float, dim: int | None = None
+    ) -> list:
         if self._metric is None and len(self.retrievers) > 1:
             await self.index_infos()
         try:
             rows = await asyncio.gather(
-                *(call(r.search, vectors, k, fingerprint, deadline=deadline) for r in self.retrievers)
+                *(call(r.search, vectors, k, fingerprint, dim, deadline=deadline) for r in self.retrievers)
             )
+        except PrefixDimError as err:
+            raise ApiError(422, "invalid_dim", _cause(err)) from None
         except IndexInputError as err:  # e.g. a vector of the wrong dimension
             raise ApiError(422, "invalid_vector", _cause(err)) from None
         return merge_hits(rows, k, self._metric)
@@ -297,27 +303,36 @@ class RepforgeIngress:
         responses=ERRORS,
         openapi_extra=image_body_openapi(SearchRequest),
     )
-    async def search(self, request: Request, k: int = Query(10, description="hits per query")) -> dict:
+    async def search(
+        self,
+        request: Request,
+        k: int = Query(10, description="hits per query"),
+        dim: int | None = Query(
+            None, description="Matryoshka prefix: score on the first dim dimensions (a trained dim)"
+        ),
+    ) -> dict:
         """Nearest indexed items of posted images, of query vectors, or of indexed ids."""
         self.need_index()
         query = await read_query(request, SearchRequest, self.args)
         k, deadline = resolve_k(query.k, k, self.args.max_k), self.deadline()
+        dim = dim if query.dim is None else query.dim
         if query.ids is not None and query.images:  # multipart (JSON's schema refuses it itself)
             raise ApiError(422, "validation_error", "give exactly one of images, vectors or ids")
         if query.ids is not None:
-            return {"results": await self.search_ids(query.ids, k, deadline)}
+            return {"results": await self.search_ids(query.ids, k, deadline, dim)}
         if query.vectors is not None:
-            return {"results": await self.search_vectors(query_vectors(query.vectors), k, None, deadline)}
+            vectors = query_vectors(query.vectors)
+            return {"results": await self.search_vectors(vectors, k, None, deadline, dim)}
         out = await self.embed_images(query.images, deadline)
         return {
-            "results": await self.search_vectors(out["vectors"], k, out["model"], deadline),
+            "results": await self.search_vectors(out["vectors"], k, out["model"], deadline, dim),
             "model": out["model"],
         }
 
-    async def search_ids(self, ids: list[str], k: int, deadline: float) -> list:
+    async def search_ids(self, ids: list[str], k: int, deadline: float, dim: int | None = None) -> list:
         try:
             if len(self.retrievers) == 1:
-                return await call(self.retrievers[0].search_by_id, ids, k, deadline=deadline)
+                return await call(self.retrievers[0].search_by_id, ids, k, dim, deadline=deadline)
             owners = await self.owners(ids, deadline)
             unknown = [i for i in ids if i not in owners]
             if unknown:
@@ -325,9 +340,11 @@ class RepforgeIngress:
             rows = await asyncio.gather(
                 *(call(self.retrievers[owners[i]].vectors, [i], deadline=deadline) for i in ids)
             )
+        except PrefixDimError as err:
+            raise ApiError(422, "invalid_dim", _cause(err)) from None
         except IndexInputError as err:
             raise ApiError(404, "unknown_id", _cause(err)) from None
-        return await self.search_vectors(np.concatenate(rows), k, None, deadline)
+        return await self.search_vectors(np.concatenate(rows), k, None, deadline, dim)
 
     @api.post(
         "/v1/items",

@@ -45,6 +45,7 @@ class ParsedQuery:
     vectors: list[list[float]] | None = None
     ids: list[str] | None = None
     k: int | None = None
+    dim: int | None = None
     mode: str | None = None
     name: str | None = None
     metadata: list[dict] | None = None
@@ -112,9 +113,8 @@ def parse_json(body: bytes, schema) -> ParsedQuery:
     except ValidationError as err:
         raise ApiError(422, "validation_error", pydantic_message(err.errors())) from None
     images = getattr(request, "images", None)
-    fields = {
-        name: getattr(request, name, None) for name in ("vectors", "ids", "k", "mode", "name", "metadata")
-    }
+    names = ("vectors", "ids", "k", "dim", "mode", "name", "metadata")
+    fields = {name: getattr(request, name, None) for name in names}
     return ParsedQuery(
         images=[decode_base64(text, i) for i, text in enumerate(images)] if images is not None else None,
         **fields,

@@ -106,6 +106,9 @@ class SearchRequest(_Request):
     vectors: list[list[FiniteFloat]] | None = Field(None, min_length=1, description="query embeddings")
     ids: list[str] | None = Field(None, min_length=1, description="ids of indexed items to search from")
     k: int | None = Field(None, description="hits per query (overrides the query parameter)")
+    dim: int | None = Field(
+        None, description="Matryoshka prefix: score on the first dim dimensions (overrides the query)"
+    )
 
     @model_validator(mode="after")
     def _one_query_kind(self) -> "SearchRequest":

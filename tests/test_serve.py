@@ -14,6 +14,7 @@ import json
 import math
 import socket
 import struct
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from system.models import Embedder, create_backbone, save_model
 from system.transforms import eval_transform, images_to_tensor, preprocessing_config
 
 CLASSES = [str(i) for i in range(10)]
+MATRYOSHKA_DIMS = (16, 32)
 LIMITS = {"max_batch_size": 4, "max_images": 8, "max_k": 50, "max_body_bytes": 1_000_000}
 # The served model runs under bf16 autocast when the replica gets a GPU; fp32 on CPU.
 ATOL = 3e-2 if torch.cuda.is_available() else 1e-4
@@ -66,6 +68,7 @@ def tiny_model(root, num_classes: int, name: str) -> tuple[Embedder, dict]:
         "timm_kwargs": kwargs,
         "preprocessing": preprocessing_config(backbone, 32),
         "classes": CLASSES if num_classes else [],
+        "matryoshka_dims": list(MATRYOSHKA_DIMS),  # recorded as if trained so: prefix search
     }
     return model, save_model(str(root / name), model, meta)
 
@@ -229,6 +232,38 @@ def test_search_by_id(served):
         assert hits[0]["metadata"]["label"] == served.labels[i]
 
 
+def test_search_on_a_matryoshka_prefix(served):
+    """dim=16 scores each item by the normalised query prefix . the item's first 16 dims."""
+    dim, picks = MATRYOSHKA_DIMS[0], distinct_rows(served.vectors, 3)
+    prefix = served.vectors[picks, :dim] / np.linalg.norm(served.vectors[picks, :dim], axis=1, keepdims=True)
+    scores = prefix @ served.vectors[:, :dim].T  # [query, item], the exact answer
+    row_of = {item: j for j, item in enumerate(served.ids)}
+
+    def check(results, queries):
+        for q, hits in zip(queries, results, strict=True):
+            # Ties (some digits are pixel twins) may order equal scores either way: compare scores.
+            top = np.sort(scores[q])[::-1][:5]
+            np.testing.assert_allclose([h["score"] for h in hits], top, atol=ATOL)
+            for h in hits:  # and each hit is scored by its own prefix
+                assert h["score"] == pytest.approx(scores[q, row_of[h["id"]]], abs=ATOL)
+
+    full, short = served.vectors[picks].tolist(), served.vectors[picks, :dim].tolist()
+    for body, params in (
+        ({"vectors": full, "dim": dim}, {"k": 5}),  # the query's own prefix is taken
+        ({"vectors": short}, {"k": 5, "dim": dim}),  # a client that keeps 16-dim vectors
+        ({"ids": [served.ids[i] for i in picks], "dim": dim, "k": 5}, {}),
+    ):
+        response = served.client.post("/v1/search", json=body, params=params)
+        assert response.status_code == 200, response.text
+        check(response.json()["results"], range(len(picks)))
+    # By image: the replica embeds it and cuts the prefix the same way.
+    response = served.client.post(
+        "/v1/search", files=multipart([served.images[picks[0]]]), params={"k": 5, "dim": dim}
+    )
+    assert response.status_code == 200, response.text
+    check(response.json()["results"], [0])
+
+
 # -- bad input ------------------------------------------------------------------------
 
 
@@ -321,6 +356,18 @@ BAD_INPUTS = {
         "invalid_multipart",
     ),
     "unknown route": ("/v1/nothing", {"json": {}}, 404, "not_found"),
+    "dim not a trained Matryoshka dim": (
+        "/v1/search",
+        {"json": {"vectors": [[0.1] * 64], "dim": 20}},
+        422,
+        "invalid_dim",
+    ),
+    "dim with vectors of another length": (
+        "/v1/search",
+        {"json": {"vectors": [[0.1] * 20]}, "params": {"dim": 16}},
+        422,
+        "invalid_dim",
+    ),
     "image and id in one search (multipart)": (
         "/v1/search",
         {"files": multipart([PNG]), "data": {"id": "x"}},
@@ -368,14 +415,32 @@ def test_classifier_without_head_and_foreign_index(artifacts, tmp_path):
         build_app({"model": str(tmp_path / "headless"), "index": str(root / "index")})
 
 
-def test_no_index_and_no_classifier_are_404(served, tmp_path):
+def test_headless_app_404s_and_sheds_overload(served, tmp_path):
     # Last in the module: it replaces the shared app (two apps do not fit in 2 CPUs) on the
     # same, still running Serve instance; the fixture's stop_app removes it.
     serve.delete(APP_NAME)
     tiny_model(tmp_path, 0, "headless")
-    url = start_app({"model": str(tmp_path / "headless")}, port=int(served.url.rsplit(":", 1)[1]))
+    # One request at a time in the embedder and one waiting: a burst must be shed with 503s.
+    limits = {"max_ongoing_requests": 1, "max_queued_requests": 1, "batch_wait_timeout_s": 0.05}
+    url = start_app({"model": str(tmp_path / "headless"), **limits}, port=int(served.url.rsplit(":", 1)[1]))
     with httpx.Client(base_url=url, timeout=60.0) as client:
         assert_error(client.post("/v1/classify", files=multipart([PNG])), 404, "no_classifier")
         assert_error(client.post("/v1/search", json={"ids": ["x"]}), 404, "no_index")
         assert client.post("/v1/embed", files=multipart([PNG])).status_code == 200
         assert client.get("/v1/info").json()["index"] is None
+
+        def embed(_):
+            start = time.perf_counter()
+            response = client.post("/v1/embed", files=multipart([PNG] * 8))
+            return response, time.perf_counter() - start
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(embed, range(32)))  # bounded: 32 requests
+        shed = [(r, s) for r, s in answers if r.status_code == 503]
+        assert shed, "no request was shed with 503 under a burst 16x the capacity"
+        for response, seconds in shed:
+            assert_error(response, 503, "overloaded")
+            assert seconds < 5.0  # answered at once, not after the 30 s request timeout
+        assert all(r.status_code == 200 for r, _ in answers if r.status_code != 503)
+        assert client.get("/v1/health").status_code == 200
+        assert client.post("/v1/embed", files=multipart([PNG])).status_code == 200
