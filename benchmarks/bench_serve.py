@@ -1,6 +1,7 @@
 """Serving overhead: /v1/embed throughput and /v1/search latency vs the same work in-process.
 
     .venv/bin/python benchmarks/bench_serve.py [--model test_resnet] [--requests 600] [--repeats 3]
+    .venv/bin/python benchmarks/bench_serve.py --model resnet18 --image-size 224 --requests 200
 
 Measured in one run, on loopback, with a bounded asyncio httpx load generator (a fixed
 request count, `--concurrency` in flight):
@@ -64,6 +65,7 @@ def append_rows(rows: list[tuple]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="test_resnet")
+    parser.add_argument("--image-size", type=int, default=32, help="model input size (images are resized)")
     parser.add_argument("--requests", type=int, default=600, help="embed requests per measurement")
     parser.add_argument("--search-requests", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=64)
@@ -87,7 +89,11 @@ def main() -> None:
     table = pq.read_table(storage.parquet_files(digits_dataset(str(work / "digits"))[0]))
     ids, images = table.column("id").to_pylist(), table.column("image").to_pylist()
     backbone = create_backbone(args.model, {})
-    meta = {"timm_name": args.model, "timm_kwargs": {}, "preprocessing": preprocessing_config(backbone, 32)}
+    meta = {
+        "timm_name": args.model,
+        "timm_kwargs": {},
+        "preprocessing": preprocessing_config(backbone, args.image_size),
+    }
     model = Embedder(backbone).eval()
     meta = save_model(str(work / "model"), model, meta)
     with torch.inference_mode():
@@ -143,7 +149,8 @@ def main() -> None:
 
     rows = [
         (
-            f"/v1/embed {args.model} 32px, 1 img/req, {args.concurrency} in flight, batch {args.batch_size}",
+            f"/v1/embed {args.model} {args.image_size}px, 1 img/req, {args.concurrency} in flight, "
+            f"batch {args.batch_size}",
             f"{results[args.batch_size]:.0f} img/s",
             f"{bare_rate:.0f} img/s in-process batch {args.batch_size}",
             f"{results[args.batch_size] / bare_rate:.2f}",

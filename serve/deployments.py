@@ -220,10 +220,15 @@ class RetrieverDeployment:
 
     async def search(
         self, vectors: np.ndarray, k: int, fingerprint: str | None = None, dim: int | None = None
-    ) -> list[list[dict]]:
-        """Top-k hits of each query; `dim`: score on the first `dim` dimensions (prefix_queries)."""
+    ) -> dict:
+        """{"hits": top-k hits per query, "metric"}; `dim`: score on a prefix (prefix_queries).
+
+        The metric comes with the hits because it says which way shards' scores merge, and
+        a swap may change it between two requests.
+        """
         index = self._index_for(fingerprint)
-        return _hits(index, *index.search(prefix_queries(vectors, dim, index.manifest), k))
+        hits = _hits(index, *index.search(prefix_queries(vectors, dim, index.manifest), k))
+        return {"hits": hits, "metric": index.metric}
 
     async def search_by_id(self, ids: list[str], k: int, dim: int | None = None) -> list[list[dict]]:
         """Neighbours of indexed items; an unknown id raises system.index.IndexInputError."""

@@ -174,7 +174,6 @@ class RepforgeIngress:
         )
         self.args = AppArgs.model_validate(args)
         auth.configure(token_sha256, self.args.request_timeout_s)
-        self._metric: str | None = None
 
     def deadline(self) -> float:
         # When `call` stops waiting out a version swap (409). Half the request timeout: the
@@ -188,24 +187,20 @@ class RepforgeIngress:
 
     async def index_infos(self) -> list[dict]:
         deadline = self.deadline()
-        infos = await asyncio.gather(*(call(r.info, deadline=deadline) for r in self.retrievers))
-        self._metric = infos[0]["metric"]
-        return infos
+        return await asyncio.gather(*(call(r.info, deadline=deadline) for r in self.retrievers))
 
     async def search_vectors(
         self, vectors: np.ndarray, k: int, fingerprint, deadline: float, dim: int | None = None
     ) -> list:
-        if self._metric is None and len(self.retrievers) > 1:
-            await self.index_infos()
         try:
-            rows = await asyncio.gather(
+            replies = await asyncio.gather(
                 *(call(r.search, vectors, k, fingerprint, dim, deadline=deadline) for r in self.retrievers)
             )
         except PrefixDimError as err:
             raise ApiError(422, "invalid_dim", _cause(err)) from None
         except IndexInputError as err:  # e.g. a vector of the wrong dimension
             raise ApiError(422, "invalid_vector", _cause(err)) from None
-        return merge_hits(rows, k, self._metric)
+        return merge_hits([r["hits"] for r in replies], k, replies[0]["metric"])
 
     async def owners(self, ids: list[str], deadline: float) -> dict[str, int]:
         """Which shard holds each indexed id (absent ids are left out)."""
@@ -231,22 +226,16 @@ class RepforgeIngress:
         index = None
         if self.retrievers:
             infos = await self.index_infos()
-            index = (
-                infos[0]
-                if len(infos) == 1
-                else {
-                    **infos[0],
-                    "count": sum(i["count"] for i in infos),
-                    "shards": [small_fields(i) for i in infos],
-                }
-            )
+            index = small_fields({**infos[0], "count": sum(i["count"] for i in infos)})
+            if len(infos) > 1:  # each shard's own manifest (added after small_fields: it is long)
+                index["shards"] = [small_fields(i) for i in infos]
         classifier = None
         if self.classifier is not None and self.classifier is not self.embedder:
             classifier = small_fields(await call(self.classifier.info, deadline=deadline))
         return {
             "model": small_fields(await call(self.embedder.info, deadline=deadline)),
             "classifier": classifier,
-            "index": small_fields(index),
+            "index": index,
             "limits": self.args.model_dump(exclude={"model", "index", "classifier", "classes", "token_file"}),
         }
 
