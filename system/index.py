@@ -11,7 +11,10 @@ An index is a folder (the Index contract in DESIGN.md), always published whole w
                     --shards N, index-00000.faiss ... one per shard, split by id hash
     index*.ivfdata  with --on-disk: the memory-mapped inverted lists of each shard
     ids.parquet     the id map: string `id`, int64 `faiss_id` (the label FAISS returns) and
-                    the passthrough columns of the embeddings (label, ...)
+                    the passthrough columns of the embeddings (label, ...); with --shards N,
+                    ids-00000.parquet ... one per shard, each written by its shard's build
+                    task (indexes built before per-shard id maps have one ids.parquet:
+                    they still open, and save() writes them in the per-shard layout)
     manifest.json   dim, metric, factory and why it was chosen, count, shards, prefix dim,
                     model fingerprint, normalized, classes, build seconds, the tuned
                     operating points and the search parameters in use, faiss version
@@ -21,7 +24,8 @@ L2-normalised vectors), metric "l2" gives squared L2 distances (lower is better)
 Vectors are stored and searched as given, never re-normalised: queries must come from the
 same model as the index (see `check_fingerprint`), which normalises them the same way.
 Shards are searched together with faiss.IndexShards, which merges the per-shard top-k
-exactly (scatter-gather in threads).
+exactly (scatter-gather in threads). FAISS labels are unique across shards, so one
+label -> id table (the shard id maps merged in label order) serves all of them.
 """
 
 from __future__ import annotations
@@ -63,6 +67,31 @@ __all__ = [
 INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.parquet", "manifest.json"
 
 
+def id_files(num_shards: int) -> list[str]:
+    """The id map files of an index with `num_shards` shards, in shard order."""
+    return [IDS_FILE] if num_shards == 1 else [f"ids-{s:05d}.parquet" for s in range(num_shards)]
+
+
+def read_shards(folder, manifest: dict) -> list[faiss.Index]:
+    """The FAISS shard indexes of an index folder (no id map)."""
+    # On-disk lists are found beside the index file wherever the folder has moved to.
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if manifest.get("on_disk") else 0
+    return [faiss.read_index(str(Path(folder) / f), flags) for f in manifest.get("files", [INDEX_FILE])]
+
+
+def load_idmap(folder, manifest: dict) -> tuple[pa.Table, np.ndarray | None]:
+    """(id map sorted by faiss_id, shard of each row or None when the layout does not say)."""
+    names = manifest.get("id_files", [IDS_FILE])
+    if len(names) == 1:
+        return pq.read_table(Path(folder) / names[0]), None
+    parts = [pq.read_table(Path(folder) / name) for name in names]
+    idmap = pa.concat_tables(parts, promote_options="default")
+    shard = np.repeat(np.arange(len(parts), dtype=np.int32), [len(p) for p in parts])
+    # Each shard's rows are in label order; labels interleave across shards.
+    order = np.argsort(idmap.column("faiss_id").to_numpy(), kind="stable")
+    return idmap.take(order), shard[order]
+
+
 def _check_k(k) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise IndexInputError(f"k must be a positive integer, got {k!r}")
@@ -92,7 +121,7 @@ def check_fingerprint(index: VectorIndex, fingerprint: str | None) -> None:
         )
 
 
-def _combine(dim: int, shards: list) -> faiss.Index:
+def combine_shards(dim: int, shards: list) -> faiss.Index:
     if len(shards) == 1:
         return shards[0]
     combined = faiss.IndexShards(dim, True, False)  # threaded; labels kept as each shard stores them
@@ -109,23 +138,29 @@ class VectorIndex:
     crc32(id) % shards, for add and remove as for the build.
     """
 
-    def __init__(self, shards, idmap: pa.Table, manifest: dict, uri: str | None = None, folder=None):
+    def __init__(
+        self, shards, idmap: pa.Table, manifest: dict, uri: str | None = None, folder=None, shard_of_row=None
+    ):
         self.shards = list(shards) if isinstance(shards, (list, tuple)) else [shards]
         self.manifest, self.uri = manifest, uri
         self.dim, self.metric = int(manifest["dim"]), manifest["metric"]
         self.fingerprint = manifest.get("fingerprint")
-        self.index = _combine(self.dim, self.shards)
+        self.index = combine_shards(self.dim, self.shards)
         self._folder = Path(folder) if folder is not None else None  # where on-disk lists live now
         self._gpu = None  # a GPU copy for search, dropped whenever the CPU index changes
-        self._set_idmap(idmap)
+        self._set_idmap(idmap, shard_of_row)
         self.apply_search_params()
 
-    def _set_idmap(self, idmap: pa.Table) -> None:
+    def _set_idmap(self, idmap: pa.Table, shard_of_row: np.ndarray | None = None) -> None:
         # Rows stay sorted by faiss_id (labels only grow), so label -> row is a searchsorted.
         self.idmap = idmap
         self._ids = np.array(idmap.column("id").to_pylist(), dtype=object)
         self._labels = idmap.column("faiss_id").to_numpy()
         self._row = {id_: row for row, id_ in enumerate(self._ids)}
+        # The shard of each row (crc32(id) % shards), kept so save() splits the id map without rehashing.
+        if shard_of_row is None:
+            shard_of_row = shard_of(self._ids, len(self.shards))
+        self._shard = np.asarray(shard_of_row, dtype=np.int32)
 
     @classmethod
     def load(cls, uri: str) -> VectorIndex:
@@ -134,27 +169,22 @@ class VectorIndex:
         if not (folder / MANIFEST_FILE).is_file():
             raise storage.StorageError(f"not an index (no {MANIFEST_FILE}): {uri}")
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
-        return cls.load_local(folder, pq.read_table(folder / IDS_FILE), manifest, uri)
+        idmap, shard_of_row = load_idmap(folder, manifest)
+        return cls(read_shards(folder, manifest), idmap, manifest, uri, folder, shard_of_row)
 
-    @classmethod
-    def load_local(cls, folder, idmap: pa.Table, manifest: dict, uri: str | None) -> VectorIndex:
-        # On-disk lists are found beside the index file wherever the folder has moved to.
-        flags = faiss.IO_FLAG_ONDISK_SAME_DIR if manifest.get("on_disk") else 0
-        shards = [faiss.read_index(str(Path(folder) / f), flags) for f in manifest.get("files", [INDEX_FILE])]
-        return cls(shards, idmap, manifest, uri, folder)
-
-    def write(self, folder, faiss_files: bool = True) -> None:
+    def write(self, folder) -> None:
         """Write the files into a plain local folder (save() publishes one atomically)."""
         folder = Path(folder)
         for name, shard in zip(self.manifest.get("files", [INDEX_FILE]), self.shards, strict=True):
-            if not faiss_files:
-                continue
             if self.manifest.get("on_disk"):  # the index file only points at its lists
                 lists = Path(name).with_suffix(".ivfdata")
                 shutil.copyfile(self._folder / lists, folder / lists)
             faiss.write_index(shard, str(folder / name))
-        pq.write_table(self.idmap, folder / IDS_FILE)
-        (folder / MANIFEST_FILE).write_text(json.dumps(self.info(), indent=2))
+        names = id_files(len(self.shards))
+        for s, name in enumerate(names):
+            part = self.idmap if len(names) == 1 else self.idmap.filter(pa.array(self._shard == s))
+            pq.write_table(part, folder / name)
+        (folder / MANIFEST_FILE).write_text(json.dumps({**self.info(), "id_files": names}, indent=2))
 
     def save(self) -> None:
         """Atomically replace the index folder with the current state (temporary folder + rename)."""
@@ -162,7 +192,7 @@ class VectorIndex:
             raise IndexInputError("this index has no location to save to")
         with storage.publish_dir(self.uri, overwrite=True) as staging:
             self.write(staging)
-        self.manifest = self.info()
+        self.manifest = {**self.info(), "id_files": id_files(len(self.shards))}
         if self.manifest.get("on_disk"):  # re-open the lists at their new place
             fresh = VectorIndex.load(self.uri)
             self.shards, self.index, self._folder = fresh.shards, fresh.index, fresh._folder
@@ -205,7 +235,7 @@ class VectorIndex:
         m = self.manifest
         gpu_ok = "HNSW" not in m["factory"] and not m.get("on_disk") and not m.get("prefix_dim")
         if self._gpu is None and gpu_ok and faiss.get_num_gpus() > 0:
-            self._gpu = _combine(self.dim, [faiss.index_cpu_to_all_gpus(s) for s in self.shards])
+            self._gpu = combine_shards(self.dim, [faiss.index_cpu_to_all_gpus(s) for s in self.shards])
             self.apply_search_params()
         return self._gpu if self._gpu is not None else self.index
 
@@ -225,7 +255,7 @@ class VectorIndex:
     def reconstruct(self, ids: list[str]) -> np.ndarray:
         """The stored vectors of `ids` (decoded, so approximate for lossy codes such as PQ)."""
         rows = self._rows(ids)
-        labels, where = self._labels[rows], shard_of(self._ids[rows], len(self.shards))
+        labels, where = self._labels[rows], self._shard[rows]
         out = np.zeros((len(rows), self.dim), np.float32)
         try:
             for s, shard in enumerate(self.shards):
@@ -285,13 +315,14 @@ class VectorIndex:
         self.idmap = idmap
         self._ids = np.concatenate([self._ids, np.array(ids, dtype=object)])
         self._labels = np.concatenate([self._labels, labels])
+        self._shard = np.concatenate([self._shard, where.astype(np.int32)])
         self._row.update({i: len(self._row) + n for n, i in enumerate(ids)})
 
     def remove(self, ids: list[str]) -> None:
         ids = unique_ids(ids)
         rows = self._rows(ids)
         self._writable("remove")
-        labels, where = self._labels[rows], shard_of(ids, len(self.shards))
+        labels, where = self._labels[rows], self._shard[rows]
         removed = 0
         for s, shard in enumerate(self.shards):
             if not (mine := where == s).any():
@@ -307,7 +338,7 @@ class VectorIndex:
         keep = np.ones(len(self), dtype=bool)
         keep[rows] = False
         self._gpu = None
-        self._set_idmap(self.idmap.filter(pa.array(keep)))
+        self._set_idmap(self.idmap.filter(pa.array(keep)), self._shard[keep])
 
 
 def _recall(index: VectorIndex, stored: np.ndarray, queries, found: list[list[str]], exact, k: int) -> float:

@@ -8,23 +8,34 @@ How a build runs, with memory bounded by one batch of vectors plus the index its
 
 1. `scan`: row counts and schema from Parquet footers only; the recipe is chosen from the
    count per shard, the dimension and the memory budget (system/index_recipes.py).
-2. A uniform sample (TRAIN_SAMPLE rows, one streaming pass) trains the coarse quantizer
-   and PQ codebooks once, on the driver (on GPUs when FAISS sees any).
-3. Each shard is a Ray task (in-process when there is one shard): it copies the trained
-   empty index, streams the Parquet with `iter_batches`, keeps the rows whose id hashes
-   to it, adds them, and writes its file. On-disk IVF shards add in blocks that
-   `faiss.contrib.ondisk.merge_ondisk` merges into one memory-mapped `.ivfdata` file.
-   While streaming, each shard also keeps the exact top-10 of the tuning queries.
-4. The driver sweeps search parameters against that exact top-10 (system/index_tune.py),
-   writes the id map and manifest, and publishes the folder atomically.
-
-Each shard task reads the whole dataset and drops the rows of other shards: N shards read
-it N times, which is cheap next to training and adding, and needs no shuffle.
+2. One shard (in-process): the driver reads the id map (refusing duplicate ids), then a
+   uniform sample (TRAIN_SAMPLE rows, one streaming pass) trains the coarse quantizer and
+   PQ codebooks, on GPUs when FAISS sees any; `build_shard` then streams the Parquet with
+   `iter_batches`, adds every row and writes the file.
+   `--shards N`: the embeddings are read once, by `partition` Ray tasks, each over a
+   contiguous run of row groups: every row goes to the staging Parquet file of its shard
+   (crc32(id) % N, with its label as `faiss_id`) in `.partition/` of the temporary index
+   folder, and the rows of the training sample are kept on the way. After training on
+   the driver, each shard is a Ray task that streams only its own staging files, checks
+   its ids are unique (a duplicate id always hashes to one shard), adds the vectors and
+   writes its FAISS file and its own id map `ids-NNNNN.parquet`, then deletes its staging
+   files. Neither the driver nor any task holds all ids, and the dataset is read once
+   rather than once per shard (at 1B x 128 dims, 512 GB instead of 512 GB x N), at the
+   cost of scratch space for one copy of it beside the index while the build runs.
+   On-disk IVF shards add in blocks that `faiss.contrib.ondisk.merge_ondisk` merges into
+   one memory-mapped `.ivfdata` file. While adding, each shard keeps the exact top-10 of
+   the tuning queries.
+3. The driver sweeps search parameters against that exact top-10 (system/index_tune.py)
+   on the FAISS shards alone, writes the manifest (`rows_read`: rows streamed from the
+   embeddings, the count when sharded, twice it with one shard), and publishes the folder
+   atomically; `.partition/` is gone before that, and a failure anywhere leaves nothing.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,10 +43,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from system import storage
 from system.embed import EmbedError
+from system.index import IDS_FILE, MANIFEST_FILE, combine_shards, id_files, read_shards
 from system.index_recipes import (
     METRICS,
     IndexInputError,
@@ -43,6 +56,7 @@ from system.index_recipes import (
     choose_factory,
     default_budget,
     faiss_reason,
+    few,
     new_index,
     parse_bytes,
     shard_of,
@@ -61,6 +75,7 @@ from system.index_tune import (
 BATCH_ROWS = 65_536  # bounds the temporary memory per Parquet batch and per FAISS add call
 TRAIN_SAMPLE = 100_000  # k-means / PQ training gains little from more points
 ONDISK_BLOCK = 1_000_000  # vectors per in-RAM block before it is merged into the on-disk lists
+PARTITION_DIR = ".partition"  # staging files of a sharded build, inside the temporary index folder
 
 
 def _parquet(path: str) -> pq.ParquetFile:
@@ -81,31 +96,46 @@ def scan(uri: str) -> tuple[list[str], np.ndarray, pa.Schema, dict]:
     return files, np.array([f.metadata.num_rows for f in footers], np.int64), schema, meta
 
 
-def iter_batches(files: list[str], counts: np.ndarray, with_ids: bool = False):
-    """(labels, vectors, ids or None) per batch; a row's label is its position in the dataset."""
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    columns = ["id", "embedding"] if with_ids else ["embedding"]
-    for path, first in zip(files, offsets, strict=False):
-        start = int(first)
+def _vectors(batch: pa.RecordBatch) -> np.ndarray:
+    embedding = batch.column("embedding")
+    dim = embedding.type.list_size
+    return as_matrix(embedding.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim), dim)
+
+
+def iter_batches(files: list[str], counts: np.ndarray | None):
+    """(labels, vectors, Arrow batch) per batch.
+
+    With row `counts`, `files` are embeddings read for their vectors alone, and a row's
+    label is its position in the dataset. With counts None they are staging files of a
+    sharded build, read whole, and the label is their `faiss_id` column.
+    """
+    columns = ["embedding"] if counts is not None else None
+    offsets = np.concatenate([[0], np.cumsum(counts)])[:-1] if counts is not None else [None] * len(files)
+    for path, first in zip(files, offsets, strict=True):
+        start = None if first is None else int(first)
         for batch in _parquet(path).iter_batches(batch_size=BATCH_ROWS, columns=columns):
-            embedding = batch.column("embedding")
-            dim = embedding.type.list_size
-            vectors = embedding.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-            labels = np.arange(start, start + len(vectors), dtype=np.int64)
-            start += len(vectors)
-            ids = batch.column("id").to_pylist() if with_ids else None
-            yield labels, as_matrix(vectors, dim), ids
+            if start is None:
+                labels = batch.column("faiss_id").to_numpy()
+            else:
+                labels = np.arange(start, start + batch.num_rows, dtype=np.int64)
+                start += batch.num_rows
+            yield labels, _vectors(batch), batch
+
+
+def _sample_positions(total: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).choice(total, min(size, total), replace=False))
+
+
+def _take_sample(chosen: np.ndarray, labels: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """The rows of a batch of consecutive labels whose label is in `chosen` (sorted)."""
+    lo, hi = np.searchsorted(chosen, [labels[0], labels[-1] + 1]) if len(labels) else (0, 0)
+    return vectors[chosen[lo:hi] - labels[0]]
 
 
 def read_sample(files: list[str], counts: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
     """A uniform sample of rows, in one streaming pass (no more than `size` rows held)."""
-    total = int(counts.sum())
-    chosen = np.sort(np.random.default_rng(seed).choice(total, min(size, total), replace=False))
-    parts = []
-    for labels, vectors, _ in iter_batches(files, counts):
-        lo, hi = np.searchsorted(chosen, [labels[0], labels[-1] + 1])
-        parts.append(vectors[chosen[lo:hi] - labels[0]])
-    return np.concatenate(parts)
+    chosen = _sample_positions(int(counts.sum()), size, seed)
+    return np.concatenate([_take_sample(chosen, labels, v) for labels, v, _ in iter_batches(files, counts)])
 
 
 def read_idmap(files: list[str], schema: pa.Schema) -> pa.Table:
@@ -138,10 +168,97 @@ def shard_file(shard: int, num_shards: int, suffix: str = "faiss") -> str:
     return f"index.{suffix}" if num_shards == 1 else f"index-{shard:05d}.{suffix}"
 
 
+def staging_file(folder: str, shard: int, reader: int) -> str:
+    return str(Path(folder) / PARTITION_DIR / f"{shard:05d}-{reader:05d}.parquet")
+
+
+def staging_schema(schema: pa.Schema) -> pa.Schema:
+    """Staging rows: string id, label, passthrough columns, then the vector (dropped for the id map)."""
+    rest = [schema.field(c) for c in schema.names if c not in ("id", "embedding")]
+    return pa.schema([("id", pa.string()), ("faiss_id", pa.int64()), *rest, schema.field("embedding")])
+
+
+def reader_parts(files: list[str], readers: int) -> list[tuple[list[tuple[str, list[int]]], int, int]]:
+    """At most `readers` contiguous runs of row groups, about equal in rows.
+
+    Each is ([(file, row groups)], first label, rows); a row group is never split, so a
+    dataset of fewer row groups gets fewer readers.
+    """
+    groups = []
+    for path in files:
+        meta = _parquet(path).metadata
+        groups += [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+    total = max(sum(rows for *_, rows in groups), 1)
+    parts: dict[int, list] = {}
+    start = 0
+    for path, group, rows in groups:
+        part = parts.setdefault(start * readers // total, [[], start, 0])
+        if part[0] and part[0][-1][0] == path:
+            part[0][-1][1].append(group)
+        else:
+            part[0].append((path, [group]))
+        part[2] += rows
+        start += rows
+    return [tuple(p) for p in parts.values()]
+
+
+def partition(
+    reader: int,
+    runs: list[tuple[str, list[int]]],
+    first: int,
+    chosen: np.ndarray,
+    num_shards: int,
+    folder: str,
+    schema: pa.Schema,
+    progress: bool = False,
+) -> dict:
+    """Stream `runs` once, writing each row to its shard's staging file; keep the sample rows.
+
+    Writes one file per shard (empty ones too, so every shard has files to read) and
+    returns the rows read and the rows of `chosen` (sorted labels) in this part.
+    """
+    writers = [
+        pq.ParquetWriter(staging_file(folder, s, reader), schema, compression="none", use_dictionary=False)
+        for s in range(num_shards)
+    ]
+    columns = [c for c in schema.names if c != "faiss_id"]
+    label, sample = first, []
+    try:
+        for path, groups in runs:
+            batches = _parquet(path).iter_batches(batch_size=BATCH_ROWS, row_groups=groups, columns=columns)
+            for batch in batches:
+                labels = np.arange(label, label + batch.num_rows, dtype=np.int64)
+                label += batch.num_rows
+                sample.append(_take_sample(chosen, labels, _vectors(batch)))
+                arrays = [batch.column(c) for c in columns]
+                arrays[0] = arrays[0].cast(pa.string())
+                rows = pa.RecordBatch.from_arrays([arrays[0], pa.array(labels), *arrays[1:]], schema=schema)
+                where = shard_of(arrays[0].to_pylist(), num_shards)
+                for s in np.unique(where):
+                    writers[s].write_batch(rows.filter(pa.array(where == s)))
+                if progress and (label - first) // 1_000_000 > (label - first - batch.num_rows) // 1_000_000:
+                    print(f"index partition {reader}: {label - first} rows", flush=True)
+    finally:
+        for writer in writers:
+            writer.close()
+    dim = schema.field("embedding").type.list_size
+    return {"rows": label - first, "sample": np.concatenate([np.zeros((0, dim), np.float32), *sample])}
+
+
+def _check_unique(files: list[str]) -> None:
+    # Holds this shard's ids as one Arrow column (a few bytes each), not the vectors; a
+    # duplicate id hashes to one shard, so checking each shard checks the whole dataset.
+    ids = pa.chunked_array([pq.read_table(f, columns=["id"]).column("id") for f in files], pa.string())
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        dups = counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist()
+        raise IndexInputError(f"duplicate ids: {few(dups)}")
+
+
 def build_shard(
-    trained: np.ndarray,
+    trained: bytes,
     files: list[str],
-    counts: np.ndarray,
+    counts: np.ndarray | None,
     shard: int,
     num_shards: int,
     folder: str,
@@ -152,27 +269,42 @@ def build_shard(
 ) -> dict:
     """Add this shard's rows to a copy of the trained index and write it to `folder`.
 
-    `folder` must be reachable by the task: the local staging folder on one machine, a
-    shared filesystem on a cluster. Returns the count and the exact top-k of `queries`.
+    `files` are the embeddings (with their row `counts`) for the only shard, or this
+    shard's staging files (`counts` None): then the task also writes the shard's id map
+    and deletes the staging files. `folder` must be reachable by the task: the local
+    staging folder on one machine, a shared filesystem on a cluster. Returns the count
+    and the exact top-k of `queries`.
     """
+    staged = counts is None
+    if staged:
+        _check_unique(files)
+        schema = pq.read_schema(files[0])
+        idmap_schema = schema.remove(schema.get_field_index("embedding"))
+        writer = pq.ParquetWriter(str(Path(folder) / id_files(num_shards)[shard]), idmap_schema)
     index, count, blocks = faiss.deserialize_index(trained), 0, []
     heap = exact_heap(queries, metric)
-    for labels, vectors, ids in iter_batches(files, counts, with_ids=num_shards > 1):
-        if num_shards > 1:
-            mine = shard_of(ids, num_shards) == shard
-            labels, vectors = labels[mine], vectors[mine]
-        index.add_with_ids(vectors, labels)
-        exact_update(heap, queries, vectors, labels, metric)
-        count += len(labels)
-        if progress and (count // 1_000_000) > ((count - len(labels)) // 1_000_000):
-            print(f"index shard {shard}: {count} vectors added", flush=True)
-        if on_disk and index.ntotal >= ONDISK_BLOCK:
-            blocks.append(_write_block(index, folder, shard, len(blocks)))
-            index = faiss.deserialize_index(trained)
+    try:
+        for labels, vectors, batch in iter_batches(files, counts):
+            if staged:
+                writer.write_batch(batch.drop_columns(["embedding"]))
+            index.add_with_ids(vectors, labels)
+            exact_update(heap, queries, vectors, labels, metric)
+            count += len(labels)
+            if progress and (count // 1_000_000) > ((count - len(labels)) // 1_000_000):
+                print(f"index shard {shard}: {count} vectors added", flush=True)
+            if on_disk and index.ntotal >= ONDISK_BLOCK:
+                blocks.append(_write_block(index, folder, shard, len(blocks)))
+                index = faiss.deserialize_index(trained)
+    finally:
+        if staged:
+            writer.close()
     if on_disk:
         blocks.append(_write_block(index, folder, shard, len(blocks)))
         index = _merge_on_disk(trained, blocks, folder, shard, num_shards)
     faiss.write_index(index, str(Path(folder) / shard_file(shard, num_shards)))
+    if staged:  # frees the scratch space as shards finish, not only at the end
+        for path in files:
+            os.remove(path)
     heap.finalize()
     return {"count": count, "scores": heap.D, "labels": heap.I}
 
@@ -197,22 +329,53 @@ def _merge_on_disk(trained, blocks: list[str], folder: str, shard: int, num_shar
     return index
 
 
-def _run_shards(num_shards: int, args: tuple) -> list[dict]:
-    if num_shards == 1:
-        return [build_shard(args[0], args[1], args[2], 0, 1, *args[3:])]
+def _ray_map(function, calls: list[tuple]) -> list:
+    """Run `function(*args)` for each args as Ray tasks; a user error in any is re-raised as is."""
     import ray
 
     if not ray.is_initialized():
         ray.init()
-    task = ray.remote(build_shard)
-    refs = [ray.put(a) for a in args]
-    futures = [task.remote(refs[0], refs[1], refs[2], s, num_shards, *refs[3:]) for s in range(num_shards)]
+    task = ray.remote(function)
+    futures = [task.remote(*args) for args in calls]
     try:
         return ray.get(futures)
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, ValueError):  # a user error inside a task: one line, as in-process
-            raise e.cause from None
+    except BaseException as e:
+        # Stop the others before the caller removes the folder they write into.
+        for future in futures:
+            ray.cancel(future)
+        ray.wait(futures, num_returns=len(futures), timeout=60)
+        if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, ValueError):
+            raise e.cause from None  # a user error inside a task: one line, as in-process
         raise
+
+
+def _partition(files: list[str], count: int, num_shards: int, folder: str, schema: pa.Schema, progress: bool):
+    """Run the partition tasks: (staging files per shard, training sample, rows read)."""
+    import ray
+
+    (Path(folder) / PARTITION_DIR).mkdir()
+    chosen = _sample_positions(count, TRAIN_SAMPLE)
+    parts = reader_parts(files, num_shards)
+    schema_ref = ray.put(staging_schema(schema))
+    calls = []
+    for reader, (runs, first, rows) in enumerate(parts):
+        mine = chosen[np.searchsorted(chosen, first) : np.searchsorted(chosen, first + rows)]
+        calls.append((reader, runs, first, mine, num_shards, folder, schema_ref, progress))
+    results = _ray_map(partition, calls)
+    staged = [[staging_file(folder, s, r) for r in range(len(parts))] for s in range(num_shards)]
+    sample = np.concatenate([r["sample"] for r in results])
+    return staged, sample, sum(r["rows"] for r in results)
+
+
+def _run_shards(num_shards: int, files, counts, args: tuple) -> list[dict]:
+    """Build every shard: in-process over the embeddings, or Ray tasks over their staging files."""
+    if num_shards == 1:
+        return [build_shard(args[0], files, counts, 0, 1, *args[1:])]
+    import ray
+
+    refs = [ray.put(a) for a in args]
+    calls = [(refs[0], files[s], None, s, num_shards, *refs[1:]) for s in range(num_shards)]
+    return _ray_map(build_shard, calls)
 
 
 def _prefix_dim(prefix_dim: int | None, meta: dict, dim: int, factory: str, room: bool) -> int:
@@ -244,8 +407,6 @@ def build_index(
     (bytes or "8G") is per shard; `prefix_dim` None means the smallest recorded Matryoshka
     dim of at least a quarter of the full dim, for approximate recipes; 0 turns it off.
     """
-    from system.index import VectorIndex
-
     embeddings_uri, out_uri = storage.normalize(embeddings_uri), storage.normalize(out_uri)
     if storage.exists(out_uri) and not overwrite:  # fail before reading what may be gigabytes
         raise storage.StorageError(f"output exists: {out_uri} (pass --overwrite to replace it)")
@@ -272,20 +433,32 @@ def build_index(
     # The prefix re-rank keeps full float32 vectors in RAM: only when the budget has room.
     room = auto and ram + 4 * dim * per_shard <= (budget or default_budget())
     prefix = _prefix_dim(prefix_dim, meta, dim, factory, room)
-    idmap = read_idmap(files, schema)  # also refuses duplicate ids before any training
-    start = time.perf_counter()
     empty = new_index(dim, factory, metric, prefix, normalized)
     # merge_ondisk moves only inverted lists: a refine stage or id map would be left behind.
     wrapped = isinstance(faiss.downcast_index(empty), (faiss.IndexIDMap, faiss.IndexRefine))
     if on_disk and (faiss.try_extract_index_ivf(empty) is None or wrapped or prefix):
         raise IndexInputError(f"--on-disk needs an IVF index without refine or prefix, not {factory!r}")
-    sample = read_sample(files, counts, TRAIN_SAMPLE)
-    train_index(empty, sample, factory)
-    queries = held_out_queries(sample, TUNE_QUERIES, normalized)
-    del sample
+    # One shard: the driver holds the id map, and refuses duplicate ids before any training.
+    # Sharded: each shard task checks and writes its own part of it.
+    idmap = read_idmap(files, schema) if shards == 1 else None
+    start = time.perf_counter()
     with storage.publish_dir(out_uri, overwrite=overwrite) as staging:
-        args = (faiss.serialize_index(empty), files, counts, str(staging), on_disk, queries, metric, progress)
-        results = _run_shards(shards, args)
+        if shards == 1:
+            sample, inputs = read_sample(files, counts, TRAIN_SAMPLE), (files, counts)
+            rows_read = count
+        else:
+            staged, sample, rows_read = _partition(files, count, shards, str(staging), schema, progress)
+            inputs = (staged, None)
+        train_index(empty, sample, factory)
+        queries = held_out_queries(sample, TUNE_QUERIES, normalized)
+        del sample
+        args = (faiss.serialize_index(empty), str(staging), on_disk, queries, metric, progress)
+        results = _run_shards(shards, *inputs, args)
+        if shards == 1:
+            rows_read += sum(r["count"] for r in results)
+            pq.write_table(idmap, staging / IDS_FILE)
+            del idmap
+        shutil.rmtree(staging / PARTITION_DIR, ignore_errors=True)  # emptied by the shard tasks
         seconds = time.perf_counter() - start
         manifest = {
             "dim": dim,
@@ -297,6 +470,7 @@ def build_index(
             "count": count,
             "shards": shards,
             "files": [shard_file(s, shards) for s in range(shards)],
+            "id_files": id_files(shards),
             "on_disk": on_disk,
             "prefix_dim": prefix,
             "matryoshka_dims": [int(d) for d in meta.get("matryoshka_dims", "").split(",") if d.strip()],
@@ -308,18 +482,20 @@ def build_index(
             "build_seconds": round(seconds, 3),
             "build_vectors_per_s": round(count / max(seconds, 1e-9), 1),
             "build_device": "gpu" if faiss.get_num_gpus() > 0 else "cpu",
+            "rows_read": rows_read,
             "faiss_version": faiss.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "target_recall": target_recall,
         }
-        built = VectorIndex.load_local(staging, idmap, manifest, out_uri)
         heap = exact_heap(queries, metric)
         for result in results:
             heap.add_result(result["scores"], result["labels"])
         heap.finalize()
-        points = sweep(built.index, queries, heap.I) if len(built) > TUNE_K else []
-        built.manifest["operating_points"] = points
-        built.manifest["search_params"] = (pick_point(points, target_recall) or {}).get("params", {})
-        built.apply_search_params()
-        built.write(staging, faiss_files=False)
-    return built.info()
+        # The sweep needs the FAISS shards only, never the id maps.
+        searcher = combine_shards(dim, read_shards(staging, manifest))
+        points = sweep(searcher, queries, heap.I) if count > TUNE_K else []
+        del searcher
+        manifest["operating_points"] = points
+        manifest["search_params"] = (pick_point(points, target_recall) or {}).get("params", {})
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return manifest

@@ -54,9 +54,9 @@ def embeddings_uri(tmp_path_factory, digits) -> str:
     return str(folder)
 
 
-def _build(embeddings_uri, tmp_path, factory="auto", metric=None) -> str:
+def _build(embeddings_uri, tmp_path, factory="auto", metric=None, shards=1) -> str:
     out = str(tmp_path / "index")
-    build_index(embeddings_uri, out, factory=factory, metric=metric, progress=False)
+    build_index(embeddings_uri, out, factory=factory, metric=metric, shards=shards, progress=False)
     return out
 
 
@@ -140,10 +140,12 @@ def test_evaluate_exact_and_approximate(embeddings_uri, tmp_path):
     assert given["num_queries"] == 20 and given["recall@5"] == 1.0
 
 
-@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
-def test_add_remove_save_reopen(embeddings_uri, digits, tmp_path, factory):
+@pytest.mark.parametrize(("factory", "shards"), [("Flat", 1), ("IVF16,Flat", 1), ("IVF16,Flat", 3)])
+def test_add_remove_save_reopen(embeddings_uri, digits, tmp_path, factory, shards, request):
     ids, vectors, _ = digits
-    uri = _build(embeddings_uri, tmp_path, factory=factory)
+    if shards > 1:
+        request.getfixturevalue("ray_local")  # shard tasks; labels pass through their staging files
+    uri = _build(embeddings_uri, tmp_path, factory=factory, shards=shards)
     index = open_index(uri)
     new = np.stack([vectors[0] + vectors[1], vectors[2] + vectors[3]])
     new /= np.linalg.norm(new, axis=1, keepdims=True)
@@ -266,14 +268,19 @@ def test_build_errors(embeddings_uri, tmp_path):
     assert open_index(out).info()["factory"] == "IVF16,Flat"
 
 
-def test_duplicate_ids_in_embeddings_rejected(tmp_path, digits):
+@pytest.mark.parametrize("shards", [1, 2])
+def test_duplicate_ids_in_embeddings_rejected(tmp_path, digits, shards, request):
     ids, vectors, _ = digits
+    if shards > 1:  # each file goes to its own partition task: the shard task finds the duplicate
+        request.getfixturevalue("ray_local")
     folder = tmp_path / "emb"
     folder.mkdir()
-    table = embeddings_table(["a", "b", "a"], vectors[:3], None, {"normalized": "false"})
-    pq.write_table(table, folder / "part-00000.parquet")
-    with pytest.raises(IndexInputError, match="duplicate ids: 'a'"):
-        build_index(str(folder), str(tmp_path / "index"), progress=False)
+    for n, part in enumerate([["a", "b"], ["c", "a"]]):
+        table = embeddings_table(part, vectors[2 * n : 2 * n + 2], None, {"normalized": "false"})
+        pq.write_table(table, folder / f"part-{n:05d}.parquet")
+    with pytest.raises(IndexInputError, match="^duplicate ids: 'a'$"):
+        build_index(str(folder), str(tmp_path / "index"), shards=shards, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb"]  # nothing staged is left
 
 
 def test_metadata_and_fingerprint(embeddings_uri, digits, tmp_path):

@@ -8,10 +8,12 @@ measured against exact search in the same test.
 from __future__ import annotations
 
 import io
+import json
 import shutil
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -21,7 +23,7 @@ from system import index_build
 from system.embed import embeddings_table
 from system.index import IndexInputError, VectorIndex, build_index, evaluate_index, open_index
 from system.index_build import _prefix_dim
-from system.index_recipes import choose_factory, shard_of
+from system.index_recipes import choose_factory, new_index, shard_of
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -56,11 +58,20 @@ def _recall(found: list[list[str]], truth: np.ndarray, ids: list[str], k: int = 
     return float(np.mean([len(set(f[:k]) & {ids[t] for t in row}) / k for f, row in zip(found, truth)]))
 
 
-def test_sharded_exact_equals_unsharded(ray_local, digits, digits_uri, tmp_path):
+@pytest.fixture(scope="module")
+def sharded(ray_local, digits_uri, tmp_path_factory):
+    """A 3-shard exact index of the digits, built once: (manifest, folder). Tests copy it to change it."""
+    folder = tmp_path_factory.mktemp("sharded") / "three"
+    return build_index(digits_uri, str(folder), "Flat", shards=3, progress=False), folder
+
+
+def test_sharded_exact_equals_unsharded(digits, digits_uri, sharded, tmp_path):
     ids, vectors = digits
-    build_index(digits_uri, str(tmp_path / "one"), "Flat", progress=False)
+    # One shard, in-process, reads the embeddings twice: a sample pass and the add pass.
+    assert build_index(digits_uri, str(tmp_path / "one"), "Flat", progress=False)["rows_read"] == 2 * len(ids)
     one = open_index(str(tmp_path / "one"))
-    manifest = build_index(digits_uri, str(tmp_path / "three"), "Flat", shards=3, progress=False)
+    manifest = sharded[0]
+    shutil.copytree(sharded[1], tmp_path / "three")
     three = open_index(str(tmp_path / "three"))
     assert manifest["shards"] == 3 and manifest["count"] == len(ids) == len(three)
     sizes = [s.ntotal for s in three.shards]
@@ -84,11 +95,87 @@ def test_sharded_exact_equals_unsharded(ray_local, digits, digits_uri, tmp_path)
         reopened.search(queries, 10)[1], one.search(queries, 10)[1], rtol=1e-6, atol=1e-6
     )
     assert "d0005" not in {i for row in reopened.search(vectors[5:6], 20)[0] for i in row}
+    saved = [pq.read_table(tmp_path / "three" / name) for name in reopened.info()["id_files"]]
+    assert [shard_of(t.column("id").to_pylist(), 3).tolist() for t in saved] == [
+        [s] * len(t) for s, t in enumerate(saved)
+    ]
+    assert "n1" in saved[shard_of(["n1"], 3)[0]].column("id").to_pylist()
+
+
+def test_sharded_build_reads_embeddings_once(digits, sharded, tmp_path, monkeypatch):
+    ids, vectors = digits
+    manifest, folder = sharded
+    # Streamed once, by the partition tasks (the training sample included); the shard tasks
+    # read only their staging files. Before, every shard task streamed the whole dataset.
+    assert manifest["rows_read"] == len(ids)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "ids-00000.parquet",
+        "ids-00001.parquet",
+        "ids-00002.parquet",
+        "index-00000.faiss",
+        "index-00001.faiss",
+        "index-00002.faiss",
+        "manifest.json",
+    ]
+    assert [p.name for p in folder.parent.iterdir()] == ["three"]  # no temporary folder left either
+    # Each shard task wrote its own id map: its rows, in label order, every row once.
+    parts = [pq.read_table(folder / name) for name in manifest["id_files"]]
+    for s, part in enumerate(parts):
+        assert (shard_of(part.column("id").to_pylist(), 3) == s).all()
+        assert (np.diff(part.column("faiss_id").to_numpy()) > 0).all()
+    everything = pa.concat_tables(parts).sort_by("faiss_id")
+    assert everything.column("id").to_pylist() == ids  # faiss_id is the row's place in the dataset
+
+    # The add phase needs nothing but the staging files: partition, remove the embeddings,
+    # then build the shards. The training sample is the unsharded build's sample.
+    emb = _write(tmp_path / "emb", ids, vectors, files=3)
+    files, counts, schema, _ = index_build.scan(emb)
+    monkeypatch.setattr(index_build, "TRAIN_SAMPLE", 500)
+    expected_sample = index_build.read_sample(files, counts, 500)
+    (tmp_path / "staging").mkdir()
+    staged, sample, rows = index_build._partition(
+        files, len(ids), 2, str(tmp_path / "staging"), schema, False
+    )
+    assert rows == len(ids) and len(staged) == 2 and all(len(f) == 2 for f in staged)  # 2 readers of 3 files
+    np.testing.assert_array_equal(sample, expected_sample)
+    shutil.rmtree(emb)
+    trained = faiss.serialize_index(new_index(64, "Flat", "ip"))
+    args = (str(tmp_path / "staging"), False, vectors[:5], "ip")
+    counts = [index_build.build_shard(trained, staged[s], None, s, 2, *args)["count"] for s in range(2)]
+    assert counts == np.bincount(shard_of(ids, 2)).tolist()
+    assert not list((tmp_path / "staging" / ".partition").iterdir())  # each shard deleted its files
+    sizes = [faiss.read_index(str(tmp_path / "staging" / f"index-0000{s}.faiss")).ntotal for s in range(2)]
+    assert sizes == counts
+
+
+def test_sharded_index_with_one_id_map_still_opens(digits, sharded, tmp_path):
+    ids, vectors = digits
+    # The layout before per-shard id maps: one ids.parquet, no id_files in the manifest.
+    old = tmp_path / "old"
+    shutil.copytree(sharded[1], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    parts = [pq.read_table(old / name) for name in manifest.pop("id_files")]
+    pq.write_table(pa.concat_tables(parts).sort_by("faiss_id"), old / "ids.parquet")
+    for name in {p.name for p in old.glob("ids-*.parquet")}:
+        (old / name).unlink()
+    (old / "manifest.json").write_text(json.dumps(manifest))
+
+    index, current = open_index(str(old)), open_index(str(sharded[1]))
+    queries = 0.7 * vectors[:30] + 0.3 * vectors[-30:]
+    (found, scores), (expected, expected_scores) = index.search(queries, 10), current.search(queries, 10)
+    assert found == expected
+    np.testing.assert_array_equal(scores, expected_scores)
+    np.testing.assert_array_equal(index.reconstruct(ids[:50]), current.reconstruct(ids[:50]))
+    index.remove(["d0003"])
+    index.save()  # written in the per-shard layout
+    assert sorted(p.name for p in old.glob("ids*.parquet")) == [f"ids-0000{s}.parquet" for s in range(3)]
+    reopened = open_index(str(old))
+    assert len(reopened) == len(ids) - 1 and reopened.info()["id_files"] == sharded[0]["id_files"]
 
 
 class CrashingIndex(VectorIndex):
-    def write(self, folder, faiss_files: bool = True) -> None:
-        super().write(folder, faiss_files)
+    def write(self, folder) -> None:
+        super().write(folder)
         raise OSError("simulated crash while saving")
 
 
