@@ -9,7 +9,7 @@ How a build runs, with memory bounded by one batch of vectors plus the index its
 1. `scan`: row counts and schema from Parquet footers only; the recipe is chosen from the
    count per shard, the dimension and the memory budget (system/index_recipes.py).
 2. One shard (in-process): the driver reads the id map (refusing duplicate ids), then a
-   uniform sample (TRAIN_SAMPLE rows, one streaming pass) trains the coarse quantizer and
+   uniform sample (`train_sample_size` rows, one streaming pass) trains the coarse quantizer and
    PQ codebooks, on GPUs when FAISS sees any; `build_shard` then streams the Parquet with
    `iter_batches`, adds every row and writes the file.
    `--shards N`: the embeddings are read once, by `partition` Ray tasks, each over a
@@ -73,7 +73,8 @@ from system.index_tune import (
 )
 
 BATCH_ROWS = 65_536  # bounds the temporary memory per Parquet batch and per FAISS add call
-TRAIN_SAMPLE = 100_000  # k-means / PQ training gains little from more points
+TRAIN_SAMPLE = 100_000  # PQ codebooks and small coarse quantizers gain little from more points
+POINTS_PER_CENTROID = 40  # k-means needs about this many per list (FAISS warns below 39)
 ONDISK_BLOCK = 1_000_000  # vectors per in-RAM block before it is merged into the on-disk lists
 PARTITION_DIR = ".partition"  # staging files of a sharded build, inside the temporary index folder
 
@@ -148,6 +149,14 @@ def read_idmap(files: list[str], schema: pa.Schema) -> pa.Table:
     for name in rest.column_names:
         idmap = idmap.append_column(name, rest.column(name))
     return idmap
+
+
+def train_sample_size(index: faiss.Index, count: int) -> int:
+    """Rows to train on: TRAIN_SAMPLE, or more when the coarse quantizer has many lists
+    (IVF16384 at 10M vectors trains on 655k points; 100k would leave 6 per centroid)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    lists = ivf.nlist if ivf is not None else 0
+    return min(count, max(TRAIN_SAMPLE, POINTS_PER_CENTROID * lists))
 
 
 def train_index(index: faiss.Index, sample: np.ndarray, factory: str) -> None:
@@ -349,12 +358,20 @@ def _ray_map(function, calls: list[tuple]) -> list:
         raise
 
 
-def _partition(files: list[str], count: int, num_shards: int, folder: str, schema: pa.Schema, progress: bool):
+def _partition(
+    files: list[str],
+    count: int,
+    sample_size: int,
+    num_shards: int,
+    folder: str,
+    schema: pa.Schema,
+    progress: bool,
+):
     """Run the partition tasks: (staging files per shard, training sample, rows read)."""
     import ray
 
     (Path(folder) / PARTITION_DIR).mkdir()
-    chosen = _sample_positions(count, TRAIN_SAMPLE)
+    chosen = _sample_positions(count, sample_size)
     parts = reader_parts(files, num_shards)
     schema_ref = ray.put(staging_schema(schema))
     calls = []
@@ -444,10 +461,11 @@ def build_index(
     start = time.perf_counter()
     with storage.publish_dir(out_uri, overwrite=overwrite) as staging:
         if shards == 1:
-            sample, inputs = read_sample(files, counts, TRAIN_SAMPLE), (files, counts)
+            sample, inputs = read_sample(files, counts, train_sample_size(empty, count)), (files, counts)
             rows_read = count
         else:
-            staged, sample, rows_read = _partition(files, count, shards, str(staging), schema, progress)
+            size = train_sample_size(empty, count)
+            staged, sample, rows_read = _partition(files, count, size, shards, str(staging), schema, progress)
             inputs = (staged, None)
         train_index(empty, sample, factory)
         queries = held_out_queries(sample, TUNE_QUERIES, normalized)

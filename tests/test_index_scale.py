@@ -102,7 +102,7 @@ def test_sharded_exact_equals_unsharded(digits, digits_uri, sharded, tmp_path):
     assert "n1" in saved[shard_of(["n1"], 3)[0]].column("id").to_pylist()
 
 
-def test_sharded_build_reads_embeddings_once(digits, sharded, tmp_path, monkeypatch):
+def test_sharded_build_reads_embeddings_once(digits, sharded, tmp_path):
     ids, vectors = digits
     manifest, folder = sharded
     # Streamed once, by the partition tasks (the training sample included); the shard tasks
@@ -130,11 +130,10 @@ def test_sharded_build_reads_embeddings_once(digits, sharded, tmp_path, monkeypa
     # then build the shards. The training sample is the unsharded build's sample.
     emb = _write(tmp_path / "emb", ids, vectors, files=3)
     files, counts, schema, _ = index_build.scan(emb)
-    monkeypatch.setattr(index_build, "TRAIN_SAMPLE", 500)
     expected_sample = index_build.read_sample(files, counts, 500)
     (tmp_path / "staging").mkdir()
     staged, sample, rows = index_build._partition(
-        files, len(ids), 2, str(tmp_path / "staging"), schema, False
+        files, len(ids), 500, 2, str(tmp_path / "staging"), schema, False
     )
     assert rows == len(ids) and len(staged) == 2 and all(len(f) == 2 for f in staged)  # 2 readers of 3 files
     np.testing.assert_array_equal(sample, expected_sample)
@@ -283,6 +282,13 @@ def test_matryoshka_prefix_rerank_beats_prefix_only(digits, tmp_path):
     assert _prefix_dim(None, {"matryoshka_dims": ""}, 64, "HNSW32", True) == 0
     with pytest.raises(IndexInputError, match="prefix-dim 64"):
         _prefix_dim(64, {}, 64, "Flat", True)
+
+
+def test_training_sample_grows_with_the_coarse_lists():
+    # 40 points per k-means centroid: IVF16384 over 10M vectors trains on 655,360 of them.
+    assert index_build.train_sample_size(new_index(64, "IVF16384,PQ16", "ip"), 10_000_000) == 655_360
+    assert index_build.train_sample_size(new_index(64, "IVF256,Flat", "ip"), 10_000_000) == 100_000
+    assert index_build.train_sample_size(new_index(64, "HNSW32", "ip"), 5_000) == 5_000
 
 
 def test_on_disk_lists_match_in_memory(digits, digits_uri, tmp_path, monkeypatch):
