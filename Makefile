@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check --no-input
 # pip warns about every absent local index folder; keep the real messages visible.
 QUIET := 2>&1 | grep -v "^WARNING: Location" || true
 
-.PHONY: quickstart test test-fast bench lint format clean
+.PHONY: quickstart test test-fast test-long bench lint format clean
 
 # uv installs the same pins as pip faster (torch and all, bytecode compiled: 1 min against
 # 2.5 min on a 2-core development machine). uv does not read pip's configuration, so pip's find-links,
@@ -34,10 +34,14 @@ quickstart: $(VENV)/.installed
 	$(VENV)/bin/repforge quickstart
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not long"
 
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not long"
+
+# The cases too long for make test's budget (a real PBT sweep: 3-4 minutes here).
+test-long: $(VENV)/.installed
+	$(PY) -m pytest -q -m long
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PIP) install -q -e '.[test,bench]' $(QUIET)

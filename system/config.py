@@ -171,6 +171,9 @@ class SweepConfig(Section):
     mode: Literal["max", "min"] = Field("max", description="maximise or minimise the metric")
     max_concurrent: int | None = Field(None, ge=1, description="concurrent trials; none = from cluster CPUs")
     grace_period: int = Field(1, ge=1, description="ASHA: reports before a trial may be stopped")
+    perturbation_interval: int = Field(
+        2, ge=1, description="PBT: reports between exploits (a weak trial clones a strong one's checkpoint)"
+    )
     scheduler: Literal["asha", "pbt", "fifo"] = Field("asha", description="trial scheduler")
     search: Literal["random", "grid", "optuna", "optuna_mo"] = Field(
         "random", description="search algorithm; optuna_mo = maximise metric, minimise trainable params"

@@ -215,11 +215,28 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = config["total_steps"]
     scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_steps, total_steps)
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "world": world}
+    # This run's own checkpoint: a restart after a worker failure, or a resumed run (maybe on
+    # another world size). Failing that, one the caller handed over (a sweep trial that PBT
+    # restarts from another trial's checkpoint, or from its own before a pause).
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # restart after a worker failure, or a resumed run (maybe on another world size)
+    handed_over = checkpoint is None and config["start_from"] is not None
+    if handed_over:
+        checkpoint = config["start_from"]
+    if checkpoint:
+        hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         with checkpoint.as_directory() as folder:
             progress = load_checkpoint(Path(folder), model, optimizer)
-        scheduler.load_state_dict(progress["scheduler"])
+        if handed_over:
+            # Weights, optimizer moments and position come from the checkpoint, but its lr,
+            # weight decay, warmup... were another config's (PBT has just mutated them): this
+            # config's values, and its schedule from the checkpoint's step (LambdaLR steps once
+            # on creation, hence step - 1).
+            for group, values in zip(optimizer.param_groups, hyperparameters):
+                group.update(values)
+            lambdas, step = scheduler.lr_lambdas, progress["step"]
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas, last_epoch=step - 1)
+        else:
+            scheduler.load_state_dict(progress["scheduler"])
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
@@ -397,8 +414,13 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
     return {"classes": classes, "rows": rows, "total_steps": total_steps, "run_name": run_name, "meta": meta}
 
 
-def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=()):
-    """One TorchTrainer for this job (also what each sweep trial builds)."""
+def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=(), start_from=None):
+    """One TorchTrainer for this job (also what each sweep trial builds).
+
+    `start_from`: a checkpoint (of any run of this job and model) that a new run starts from:
+    weights, optimizer state and position, with this config's hyperparameters. (Train v2 has
+    no `resume_from_checkpoint`; a run's own checkpoints still come first, on restarts.)
+    """
     from ray.train.torch import TorchTrainer
 
     use_gpu = cfg.train.use_gpu
@@ -445,6 +467,7 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=()):
             "meta": plan["meta"],
             "has_val": bool(cfg.data.val),
             "fail_at_step": int(os.environ.get("REPFORGE_FAIL_AT_STEP", 0)) or None,
+            "start_from": start_from,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.workers,

@@ -112,6 +112,8 @@ def test_empty_section_in_yaml_accepts_overrides(tmp_path):
         ("train=5", "train", "dictionary"),
         ("seed.x=1", "seed", "integer"),
         ("model.kwargs=[1, 2]", "model.kwargs", "dictionary"),
+        ("sweep.perturbation_interval=0", "sweep.perturbation_interval", "greater than or equal to 1"),
+        ("sweep.scheduler=pb", "sweep.scheduler", "'asha', 'pbt' or 'fifo'"),
     ],
 )
 def test_bad_override_is_one_line_naming_the_key(override, key, words):

@@ -1,4 +1,5 @@
-"""tune.space and tune.sweep: search-space validation, and a real 2-trial sweep on digits.
+"""tune.space, tune.search and tune.sweep: search-space and scheduler checks, and real ASHA
+and PBT sweeps on digits.
 
 .venv/bin/python -m pytest -q tests/test_sweep.py
 """
@@ -138,10 +139,6 @@ def test_quickstart_sweep_outputs(ray_local, quickstart_run):
     [
         ({"search": "grid", "space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}, "search grid needs choice"),
         ({"search": "optuna", "space": {"train.lr": {"grid": [1e-4, 1e-2]}}}, "write choice, not grid"),
-        (
-            {"scheduler": "pbt", "space": {"train.lr": {"choice": [0.1]}}},
-            "sweep.scheduler: pbt is not available",
-        ),
     ],
 )
 def test_invalid_search_is_one_line(sweep, words):
@@ -149,6 +146,98 @@ def test_invalid_search_is_one_line(sweep, words):
 
     with pytest.raises(ConfigError, match=words):
         check_search(build_config({"sweep": sweep}))
+
+
+def pbt_tree(**sweep) -> dict:
+    """A valid PBT sweep (a checkpoint at every second report, where it exploits), changed by `sweep`."""
+    space = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.name": "test_resnet"}  # fixed: allowed
+    return {
+        "train": {"eval_every": 4, "checkpoint_every": 8},
+        "sweep": {"scheduler": "pbt", "perturbation_interval": 2, "space": space, **sweep},
+    }
+
+
+def mutating(key: str, domain: dict) -> tuple[dict, str]:
+    return {"space": {key: domain}}, f"sweep.space.{key}"
+
+
+@pytest.mark.parametrize(
+    "change, key, words",
+    [
+        ({"search": "grid"}, "sweep.search", "grid cannot drive pbt"),
+        ({"search": "optuna"}, "sweep.search", "optuna cannot drive pbt"),
+        (*mutating("train.lr", {"grid": [1e-3, 1e-2]}), "not grid"),
+        (*mutating("model.name", {"choice": ["resnet18", "vit"]}), "mid-run"),
+        (*mutating("finetune.rank", {"choice": [4, 8]}), "mid-run"),
+        (*mutating("finetune.method", {"choice": ["lora", "dora"]}), "mid-run"),
+        (*mutating("train.weight_decay", {"choice": [0.0, 0.05]}), "to or from 0"),
+        (*mutating("finetune.head_lr_scale", {"uniform": [1, 10]}), "to or from 1"),
+        ({"space": {"train.lr": 0.01}}, "sweep.space", "at least one key with a domain"),
+        ({"num_samples": 1}, "sweep.num_samples", "at least 2"),
+        ({"perturbation_interval": 3}, "train.checkpoint_every", "set it to 12"),
+    ],
+)
+def test_pbt_refuses_what_it_cannot_run(change, key, words):
+    from tune.search import check_search
+
+    check_search(build_config(pbt_tree()))  # the base case is valid
+    with pytest.raises(ConfigError) as err:
+        check_search(build_config(pbt_tree(**change)))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{key}:") and words in message, message
+
+
+@pytest.mark.parametrize(
+    "train, key",
+    [({"eval_every": 0}, "train.eval_every"), ({"checkpoint_every": 0}, "train.checkpoint_every")],
+)
+def test_pbt_needs_reports_and_checkpoints(train, key):
+    from tune.search import check_search
+
+    tree = pbt_tree()
+    tree["train"].update(train)
+    with pytest.raises(ConfigError, match=f"^{key}: pbt"):
+        check_search(build_config(tree))
+
+
+@pytest.mark.parametrize(
+    "space, key",
+    [
+        ("{model.name: {choice: [test_resnet, resnet18]}}", "sweep.space.model.name"),
+        ("{train.lr: {grid: [0.001, 0.01]}}", "sweep.space.train.lr"),
+    ],
+)
+def test_pbt_config_error_exits_2_before_anything_runs(space, key, capsys, tmp_path):
+    from system.cli import main
+
+    sets = ["data.train=/nonexistent", "sweep.scheduler=pbt", f"sweep.space={space}"]
+    sets += ["train.eval_every=4", "train.checkpoint_every=8", f"run.storage={tmp_path}"]
+    assert main(["sweep", *(arg for value in sets for arg in ("--set", value))]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"repforge: error: {key}: pbt"), lines
+    assert not list(tmp_path.iterdir())  # nothing written (and data.train, missing, never read)
+
+
+def test_pbt_mutates_the_space_within_its_ranges():
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from tune.search import _ranges, _within_ranges, build_scheduler, pbt_mutations
+
+    space = {
+        "train.lr": {"loguniform": [1e-4, 1e-2]},
+        "train.warmup_steps": {"randint": [0, 10]},
+        "finetune.dropout": {"choice": [0.0, 0.1, 0.2]},
+        "seed": 3,
+    }
+    assert isinstance(build_scheduler(build_config(pbt_tree(space=space)), 3), PopulationBasedTraining)
+    mutations = pbt_mutations(space)
+    assert set(mutations) == {"train.lr", "train.warmup_steps", "finetune.dropout"}
+    assert mutations["finetune.dropout"] == [0.0, 0.1, 0.2]  # a list: PBT moves along it
+    assert isinstance(mutations["train.lr"], tune.search.sample.Float)
+    # PBT's x1.2 / x0.8 may leave a range: the value is put back at its bound.
+    config = {"overrides": {"train.lr": 1.2e-2, "train.warmup_steps": 11, "finetune.dropout": 0.2, "seed": 3}}
+    clipped = _within_ranges(config, _ranges(space))["overrides"]
+    assert clipped == {"train.lr": 1e-2, "train.warmup_steps": 9, "finetune.dropout": 0.2, "seed": 3}
 
 
 def test_pareto_front_keeps_only_undominated_finished_trials():
@@ -255,6 +344,84 @@ def test_asha_sweep_interrupted_resumed_and_reported(ray_local, digits_data, tmp
     )
 
 
+# -- a real PBT sweep on digits: the weak trial goes on from the strong one's checkpoint ------
+
+
+# 3-4 minutes here (two Train runs at once, then one to three restarts from checkpoints):
+# over make test's budget, so it runs with `make test-long`.
+@pytest.mark.long
+def test_pbt_sweep_hands_checkpoints_over_with_the_mutated_lr(ray_local, digits_data, tmp_path):
+    """Two trials side by side, one report (and checkpoint) every 4 of 12 steps; PBT compares
+    them at every report, so by its second or third report the weak one clones the strong one
+    (same init and data order: the lr alone ranks them, at every step).
+
+    Every report's lr is checked against the config in force when it was made: with a warmup
+    over the whole run, lr = peak lr x min(1, (step + 1) / 12), never 0. A Train run that took
+    the checkpoint's optimizer and schedule, not the mutated lr, would report the other's lr.
+    """
+    import pandas as pd
+
+    from tune.sweep import run_sweep
+
+    tree = {
+        "seed": 9,  # samples the first population: lr 5.5e-3 and 1.7e-5, a clear strong and weak
+        # No data.val, no shuffle, few rows: each Train run starts as fast as it can (startup,
+        # not the 12 steps, is what a trial costs here).
+        "data": {"train": digits_data[0], "image_size": 32, "shuffle": "none", "limit": 512},
+        "model": {"name": "test_resnet", "kwargs": {}},
+        "finetune": {"method": "full"},
+        "train": {
+            **{"workers": 1, "cpus_per_worker": 0.5, "batch_size": 32, "max_steps": 12},
+            **{"eval_every": 4, "checkpoint_every": 4, "warmup_steps": 12},
+        },
+        "run": {"storage": str(tmp_path), "name": "pbt"},
+        "sweep": {
+            **{"scheduler": "pbt", "num_samples": 2, "max_concurrent": 2, "perturbation_interval": 1},
+            **{"metric": "loss", "mode": "min", "space": {"train.lr": {"loguniform": [1e-6, 2e-2]}}},
+        },
+    }
+    run_sweep(build_config(tree))
+    folder = tmp_path / "pbt"
+    # What Tune saw: every report of every trial, before and after each restart, in order.
+    frames = tune.ExperimentAnalysis(str(folder / "_tune")).trial_dataframes.values()
+    reports = pd.concat(frames).to_dict("records")
+    peak = "config/overrides/train.lr"
+    for r in reports:
+        assert r["lr"] == pytest.approx(r[peak] * min(1, (r["step"] + 1) / 12)), r
+    trials = {r["trial_id"]: [x for x in reports if x["trial_id"] == r["trial_id"]] for r in reports}
+    weak, strong = sorted(rows[0][peak] for rows in trials.values())
+    assert strong > 100 * weak, "seed 9 no longer samples a strong and a weak lr"
+
+    handovers = []  # a trial's first report after it went on from another trial's checkpoint
+    for trial, rows in trials.items():
+        for before, r in zip(rows, rows[1:]):
+            if r["started_from"] not in ("", trial, before["started_from"]):
+                handovers.append((rows[0], r, trials[r["started_from"]]))
+    assert handovers, "no trial went on from another trial's checkpoint"
+    for first, r, source in handovers:
+        # It went on from a step the other trial had reported (with a checkpoint), not step 0,
+        # and Tune's count of reports went on from there too.
+        assert r["step"] > 4 and r["step"] - 4 in {x["step"] for x in source}, (r, source)
+        assert r["training_iteration"] == r["step"] // 4
+        # With the mutated lr: neither its own first lr, nor the other trial's at that step.
+        source_peak = next(x[peak] for x in source if x["step"] == r["step"] - 4)
+        assert r[peak] != pytest.approx(first[peak]) and r[peak] != pytest.approx(source_peak)
+    assert (folder / "_tune" / "pbt_global.txt").read_text().count("\n") >= len(handovers)
+
+    with open(folder / "leaderboard.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["status"] == "DONE" and r["steps"] == "12" for r in rows), rows
+    best = load_config(folder / "best.yaml")
+    assert best.train.lr == pytest.approx(float(rows[0]["train.lr"]))
+    best_loss = read_meta(str(folder / "best" / "model"))["metrics"]["loss"]
+    assert best_loss == pytest.approx(float(rows[0]["loss"]))
+    # The runs that PBT stopped (to clone, or to pause) gave their CPUs back.
+    deadline = time.monotonic() + 30
+    while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ray_local.available_resources().get("CPU", 0) == 2
+
+
 def test_invalid_space_exits_2_with_one_line(tmp_path):
     import subprocess
     import sys
@@ -296,8 +463,7 @@ def test_optuna_searchers_drive_tune(ray_local, search, tmp_path):
         tune_config=tune.TuneConfig(
             num_samples=6,
             scheduler=build_scheduler(cfg, 2),
-            search_alg=build_searcher(cfg),
-            max_concurrent_trials=2,
+            search_alg=build_searcher(cfg, max_concurrent=2),
         ),
         run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
     )

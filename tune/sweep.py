@@ -5,16 +5,23 @@
 
 Each Tune trial is a small driver function that applies its overrides (dotted keys from
 `sweep.space`) to the base config and fits its own TorchTrainer, the one a plain
-`repforge finetune` would build; a TuneReportCallback forwards every report to Tune,
-where the scheduler (`sweep.scheduler`: ASHA or FIFO) stops weak trials early and
+`repforge finetune` would build; every report of the Train run goes on to Tune, where the
+scheduler (`sweep.scheduler`: ASHA, PBT or FIFO) stops weak trials early (ASHA) or
+restarts them from a strong trial's checkpoint with mutated hyperparameters (PBT), and
 the search algorithm (`sweep.search`: random, grid, Optuna TPE, multi-objective Optuna)
-proposes the next ones (tune/search.py). With `sweep.rank_prior` a spectrum pre-pass
+proposes the next ones (tune/search.py). Under PBT each report carries a copy of its
+checkpoint into Tune (`_ReportToTune`), and a trial that Tune starts from a checkpoint
+(another trial's, or its own after a pause or on --resume) fits a new Train run,
+`trials/<id>/gen-<n>`, from it: the checkpoint's weights, optimizer moments and step, the
+trial's current hyperparameters (system/train.py); its reports to Tune name that trial in
+`started_from`. With `sweep.rank_prior` a spectrum pre-pass
 proposes `finetune.rank_pattern` (tune/ranks.py). The sweep folder
 `{run.storage}/{run.name}/` gets `leaderboard.csv`, `pareto.csv` + `pareto.png` (metric
 vs trainable parameters), `best.yaml` (runnable with `repforge finetune --config`), the
 best trial's `best/model` (and `best/adapter`), each trial's `trials/<id>/metrics.jsonl`,
-`rank_prior.json` when used, and Tune's own state in `_tune/`. The trials' Train runs
-live in `{storage}/_ray/`. A trial that fails is an ERROR row; the others go on.
+`rank_prior.json` when used, and Tune's own state in `_tune/` (with PBT: the checkpoint
+copies, and `pbt_global.txt`, one line per exploit). The trials' Train runs live in
+`{storage}/_ray/`. A trial that fails is an ERROR row; the others go on.
 """
 
 from __future__ import annotations
@@ -23,15 +30,20 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import ray
 import yaml
+from pyarrow import fs as pafs
 from ray import tune
 from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2.api.callback import UserCallback
+from ray.util.queue import Empty, Queue
 
 from system import storage
 from system.config import ConfigError, JobConfig, build_config, set_dotted
@@ -48,28 +60,100 @@ DRIVER_MEMORY = 256 * 2**20
 VAL_METRICS = {"val_acc": "finetune", "knn_acc": None, "rankme": None}  # need data.val; val_acc: finetune
 
 
-def sweep_trial(config: dict, base: dict, job: str, sweep_name: str) -> None:
+def sweep_trial(config: dict, base: dict, job: str, sweep_name: str, forward_checkpoints: bool) -> None:
     """One Tune trial: the base config plus this trial's overrides, trained by Ray Train."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     tree = _with_overrides(base, config["overrides"])
-    # The Train run is named after the trial, so a resumed sweep resumes its Train runs too.
     trial_id = tune.get_context().get_trial_id()
-    set_dotted(tree, "run.name", f"{sweep_name}/trials/{trial_id}")
+    trial_run = f"{sweep_name}/trials/{trial_id}"
+    set_dotted(tree, "run.name", trial_run)
     cfg = build_config(tree)
     plan = plan_run(cfg, job)
-    handoff = _handoff_path(trial_id)
-    logger = MetricsLogger(cfg.run.storage, plan["run_name"])  # {sweep}/trials/{id}/metrics.jsonl
-    callbacks = [TuneReportCallback(), logger, _Handoff(str(handoff))]
+    # The Train run is named after the trial, so a resumed sweep resumes its Train runs too. A
+    # trial that Tune starts from a checkpoint (PBT: another trial's, or its own after a pause)
+    # needs a new Train run: one of an existing name would resume its own latest checkpoint.
+    start_from = tune.get_checkpoint()
+    source = ""
+    if start_from is not None:
+        plan["run_name"] = _next_generation(cfg.run.storage, trial_run)
+        source = _trial_id_in(os.path.dirname(start_from.path))
+        print(f"[sweep] trial {trial_id} goes on from trial {source}'s {start_from.path}", flush=True)
+    handoff, staging = _handoff_path(trial_id), _staging_path(trial_id)
+    callbacks = [
+        MetricsLogger(cfg.run.storage, trial_run),  # trials/{id}/metrics.jsonl: all its Train runs
+        _Handoff(str(handoff)),
+    ]
     _RUNNING.add(trial_id)
     try:
-        build_trainer(cfg, job, plan, callbacks=callbacks).fit()
+        if forward_checkpoints:  # PBT: reports carry checkpoints to Tune (see _ReportToTune)
+            reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+            callbacks.append(_ReportToTune(reports, str(staging)))
+            trainer = build_trainer(cfg, job, plan, callbacks=callbacks, start_from=start_from)
+            _fit_and_report(trainer, reports, {"started_from": source})
+        else:  # ASHA, FIFO: Ray's own callback forwards metrics (and the checkpoint's path)
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            build_trainer(cfg, job, plan, callbacks=[TuneReportCallback(), *callbacks]).fit()
     except Exception:
         if trial_id not in _STOPPING:  # an abort we asked for is not a failure
             raise
     finally:
         _RUNNING.discard(trial_id)
         handoff.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class _ReportToTune(UserCallback):
+    """Runs in the Train controller: passes every report, and with `staging` a copy of its
+    checkpoint, to the trial (TuneReportCallback passes only the checkpoint's path, and PBT
+    needs Tune checkpoints to clone). The copy is made here, before Train goes on: Train may
+    delete that checkpoint at its next report (train.keep_last / keep_best)."""
+
+    def __init__(self, reports: Queue, staging: str):
+        self.reports, self.staging = reports, staging
+
+    def after_report(self, run_context, metrics, checkpoint):
+        metrics, local = dict(metrics[0]), None
+        if checkpoint is not None:
+            metrics["checkpoint_path"] = checkpoint.path  # the Train checkpoint: publish_result reads it
+            # On the trial's node: Ray Train places the controller there.
+            os.makedirs(self.staging, exist_ok=True)
+            local = checkpoint.to_directory(tempfile.mkdtemp(dir=self.staging))
+        self.reports.put((metrics, local))  # waits while the trial has not taken the last one
+
+
+def _fit_and_report(trainer, reports: Queue, extra: dict) -> None:
+    """Fit in a thread while this one, Tune's, reports to Tune what the Train run reports."""
+    failure = []
+
+    def fit():
+        try:
+            trainer.fit()
+        except BaseException as err:  # raised again in Tune's thread
+            failure.append(err)
+
+    thread = threading.Thread(target=fit, daemon=True)  # daemon: a stopped trial does not wait
+    thread.start()
+    while True:
+        finished = not thread.is_alive()  # before the get: a report put before the end is not lost
+        try:
+            metrics, local = reports.get(timeout=1)
+        except Empty:
+            if finished:
+                break
+            continue
+        checkpoint = tune.Checkpoint.from_directory(local) if local else None
+        tune.report({**metrics, **extra}, checkpoint=checkpoint)  # Tune copies the checkpoint
+        if local:
+            shutil.rmtree(local, ignore_errors=True)
+    if failure:
+        raise failure[0]
+
+
+def _next_generation(storage_root: str, trial_run: str) -> str:
+    """`{trial_run}/gen-<n>`, a Train run name that no earlier start of this trial used."""
+    fs, path = storage.filesystem(storage.join(storage.normalize(storage_root), "_ray", trial_run))
+    runs = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))  # build_trainer's storage_path
+    return f"{trial_run}/gen-{1 + sum(info.base_name.startswith('gen-') for info in runs)}"
 
 
 # When a scheduler stops a trial, Tune ends the trial's actor and with it the Train
@@ -83,6 +167,10 @@ _STOPPING: set[str] = set()
 
 def _handoff_path(trial_id: str) -> Path:
     return Path(tempfile.gettempdir()) / f"repforge-train-controller-{os.getpid()}-{trial_id}"
+
+
+def _staging_path(trial_id: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"repforge-tune-checkpoints-{os.getpid()}-{trial_id}"
 
 
 class _Handoff(ControllerCallback):
@@ -147,15 +235,22 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
 
+    # Only PBT restarts trials from checkpoints; other schedulers are spared the copies.
+    pbt = cfg.sweep.scheduler == "pbt"
     trainable = _trial_trainable(
-        tune.with_parameters(sweep_trial, base=cfg.model_dump(), job=job, sweep_name=name)
+        tune.with_parameters(
+            sweep_trial, base=cfg.model_dump(), job=job, sweep_name=name, forward_checkpoints=pbt
+        )
     )
     # The driver function only waits on its Train run: the CPUs go to the workers and Ray Data.
     # (Tune refuses an empty request, so it asks for some memory instead of a CPU.)
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": DRIVER_MEMORY})
     reports = _reports_per_trial(plan["total_steps"], cfg.train.eval_every)
-    if reports == 1 and cfg.sweep.scheduler != "fifo":
+    if reports == 1 and cfg.sweep.scheduler == "asha":
         print("[sweep] each trial reports once (train.eval_every is 0 or large): no trial can stop early")
+    interval = cfg.sweep.perturbation_interval
+    if pbt and reports <= interval:
+        print(f"[sweep] each trial reports {reports} times, pbt compares every {interval}: no exploits")
     space = tune_space(_search_space(cfg))
     if resume:
         tuner = tune.Tuner.restore(tune_uri, trainable=trainable, resume_errored=True)
@@ -167,8 +262,7 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
                 # The scheduler and searcher carry metric and mode (optuna_mo has two of each).
                 num_samples=cfg.sweep.num_samples,
                 scheduler=build_scheduler(cfg, reports),
-                search_alg=build_searcher(cfg),
-                max_concurrent_trials=cfg.sweep.max_concurrent or _max_concurrent(cfg),
+                search_alg=build_searcher(cfg, cfg.sweep.max_concurrent or _max_concurrent(cfg)),
             ),
             run_config=tune.RunConfig(
                 name=TUNE_DIR,
@@ -251,7 +345,12 @@ def _trial_id(result) -> str:
     """From the last report, or for a trial that never reported, from its folder's name."""
     if result.metrics and result.metrics.get("trial_id"):
         return result.metrics["trial_id"]
-    name = os.path.basename(str(result.path))
+    return _trial_id_in(str(result.path))
+
+
+def _trial_id_in(path: str) -> str:
+    """The trial id in a Tune trial folder's name (e.g. sweep_trial_1a2b3_00001_1_train.lr=...)."""
+    name = os.path.basename(path)
     match = re.search(r"_([0-9a-f]{5}_\d{5})_", name)
     return match.group(1) if match else name
 
