@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, get_origin
+from typing import Annotated, Any, Literal, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -107,6 +107,31 @@ class FinetuneConfig(Section):
     rank_scale: float = Field(
         1.0, gt=0, le=64, description="global rank budget: multiplies every rank (rank, rank_pattern, svfit)"
     )
+    closed_form: bool = Field(
+        False,
+        description="linear: fit the head in closed form (ridge regression on frozen features, one pass "
+        "over the data) instead of by SGD",
+    )
+    ridge: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0],
+        min_length=1,
+        description="closed_form: ridge strengths (x n x mean feature variance) tried; the best on data.val "
+        "wins, without data.val the middle one",
+    )
+
+    @field_validator("ridge", mode="before")
+    @classmethod
+    def _one_ridge_is_a_list(cls, value):
+        return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @field_validator("closed_form")
+    @classmethod
+    def _closed_form_is_linear(cls, value, info):
+        # Only a frozen backbone gives fixed features: every other method trains the backbone too.
+        method = info.data.get("method")
+        if value and method is not None and method != "linear":
+            raise ValueError(f"needs finetune.method linear, not {method}")
+        return value
 
 
 class TrainConfig(Section):

@@ -520,6 +520,10 @@ def run_training(cfg: JobConfig, job: str) -> dict[str, str]:
     plan = plan_run(cfg, job)
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
+    if job == "finetune" and cfg.finetune.closed_form:  # one pass of Ray Data, no Ray Train
+        from system.linear_probe import run_linear_probe
+
+        return run_linear_probe(cfg, plan)
     trainer = build_trainer(cfg, job, plan, callbacks=[MetricsLogger(cfg.run.storage, plan["run_name"])])
     result = trainer.fit()
     published = publish_result(result, cfg, job, plan["run_name"])

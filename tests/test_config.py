@@ -114,6 +114,10 @@ def test_empty_section_in_yaml_accepts_overrides(tmp_path):
         ("model.kwargs=[1, 2]", "model.kwargs", "dictionary"),
         ("sweep.perturbation_interval=0", "sweep.perturbation_interval", "greater than or equal to 1"),
         ("sweep.scheduler=pb", "sweep.scheduler", "'asha', 'pbt' or 'fifo'"),
+        ("finetune.closed_form=true", "finetune.closed_form", "needs finetune.method linear, not lora"),
+        ("finetune.ridge=[]", "finetune.ridge", "at least 1 item"),
+        ("finetune.ridge=[0.1, 0]", "finetune.ridge.1", "greater than 0"),
+        ("finetune.ridge=abc", "finetune.ridge", "valid list"),
     ],
 )
 def test_bad_override_is_one_line_naming_the_key(override, key, words):
@@ -162,6 +166,16 @@ def test_file_errors_name_the_file(tmp_path):
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe\x00garbage")
     assert str(binary) in config_error(path=binary)
+
+
+def test_closed_form_linear_config():
+    cfg = load_config(None, ["finetune.method=linear", "finetune.closed_form=true"])
+    assert cfg.finetune.closed_form and cfg.finetune.ridge == [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    assert load_config(None, ["finetune.method=linear", "finetune.ridge=0.5"]).finetune.ridge == [0.5]
+    # The method is checked whichever order the keys come in.
+    message = config_error(["finetune.closed_form=true", "finetune.method=full"])
+    assert message.startswith("finetune.closed_form: ") and "linear" in message, message
+    assert JobConfig.model_validate(cfg.model_dump()) == cfg
 
 
 def test_round_trip_as_plain_dict_after_overrides():

@@ -187,6 +187,14 @@ def test_pbt_refuses_what_it_cannot_run(change, key, words):
     assert "\n" not in message and message.startswith(f"{key}:") and words in message, message
 
 
+def test_sweeps_refuse_the_closed_form_linear_probe():
+    from tune.search import check_search
+
+    tree = {"finetune": {"method": "linear", "closed_form": True}, "sweep": {"space": {}}}
+    with pytest.raises(ConfigError, match="^finetune.closed_form: sweeps train by SGD"):
+        check_search(build_config(tree))
+
+
 @pytest.mark.parametrize(
     "train, key",
     [({"eval_every": 0}, "train.eval_every"), ({"checkpoint_every": 0}, "train.checkpoint_every")],

@@ -52,6 +52,8 @@ PBT_GROUPING = {"train.weight_decay": 0, "finetune.head_lr_scale": 1}
 def check_search(cfg: JobConfig) -> None:
     """Refuse combinations of search algorithm, scheduler and space that cannot work."""
     sweep = cfg.sweep
+    if cfg.finetune.closed_form:  # the trials would silently train by SGD instead
+        raise ConfigError("finetune.closed_form: sweeps train by SGD; run it with repforge finetune")
     if sweep.scheduler == "pbt":
         _check_pbt(cfg)
     for key, spec in sweep.space.items():
