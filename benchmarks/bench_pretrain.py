@@ -31,7 +31,7 @@ def bare_loop_images_per_s(cfg, data: str, steps: int, threads: int) -> float:
 
     from system.data import read_classes
     from system.optim import build_optimizer
-    from system.train import build_model, train_mode
+    from system.train_module import build_model, train_mode
     from system.transforms import preprocess_batch, preprocessing_config
 
     torch.set_num_threads(threads)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10"
+# ../shared is beside development checkouts; elsewhere (a GPU machine) point the variable at a copy.
+CIFAR10 = Path(os.environ.get("REPFORGE_CIFAR10", ROOT.parent / "shared" / "datasets" / "cifar10"))
 
 
 def machine() -> str:

@@ -196,11 +196,11 @@ def run_linear_probe(cfg: JobConfig, plan: dict) -> dict[str, str]:
     from system.data import read_dataset
     from system.train import (
         MAX_CONFUSION_CLASSES,
-        build_model,
         export_artifacts,
         per_class_report,
         publish_result,
     )
+    from system.train_module import build_model
 
     classes, meta, run_name = plan["classes"], plan["meta"], plan["run_name"]
     num_classes = len(classes)

@@ -6,7 +6,7 @@ FSDP2 follows torchtitan's parallelize functions: activation checkpointing, then
 torch.compile, then `fully_shard` on every residual block / stage, then on the root, so
 each block's parameters are all-gathered just before it runs and freed after. Works for
 timm ViTs (`blocks`), ConvNeXts (`stages`) and ResNets (`layer1..4`), with or without a
-peft wrapper around the backbone. On GPU the parameters compute in bf16 and gradients
+peft wrapper around the backbone. On GPU the parameters compute in bf16 (batch norms in fp32) and gradients
 reduce in fp32; on CPU (gloo) everything stays fp32.
 """
 
@@ -58,6 +58,14 @@ def apply_fsdp(module: nn.Module, train_cfg, device: torch.device) -> nn.Module:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if train_cfg.cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
+    if device.type == "cuda":
+        # Batch norms keep fp32 weights (their running stats are fp32 buffers, which bf16
+        # weights clash with in backward): each is its own FSDP group with an fp32 policy
+        # that leaves its bf16 input as it is, the same mix autocast gives under DDP.
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, cast_forward_inputs=False)
+        for layer in module.modules():
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.weight is not None:
+                fully_shard(layer, **{**options, "mp_policy": fp32})
     for block in blocks:
         fully_shard(block, **options)
     fully_shard(module, **options)

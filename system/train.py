@@ -34,50 +34,13 @@ from system.checkpoint import full_model_state, load_checkpoint, save_checkpoint
 from system.config import JobConfig
 from system.data import count_rows, read_classes, read_dataset
 from system.metrics import knn_accuracy, rankme, uniformity
-from system.models import Embedder, create_backbone, load_backbone_weights, read_meta, write_artifact
+from system.models import Embedder, create_backbone, read_meta, write_artifact
 from system.objectives import get_objective, nested_dims
 from system.optim import build_optimizer, cosine_with_warmup
 from system.parallel import gradient_sync, parallelize, residual_blocks, unwrap
 from system.runs import write_confusion_png
+from system.train_module import TrainModule, build_model, train_mode
 from system.transforms import preprocess_batch, preprocessing_config
-
-
-class TrainModule(nn.Module):
-    """Backbone + objective as one module, so DDP sees (and syncs) every trainable weight."""
-
-    def __init__(self, backbone: nn.Module, objective: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.objective = objective
-
-    def forward(self, batch: dict):
-        return self.objective(self.backbone, batch)
-
-
-def build_model(cfg: JobConfig, job: str, num_classes: int) -> TrainModule:
-    backbone = create_backbone(cfg.model.name, cfg.model.kwargs, cfg.model.pretrained)
-    if cfg.model.init:
-        load_backbone_weights(backbone, cfg.model.init)
-    if job == "finetune":
-        backbone = get_adapter(cfg.finetune.method).apply(backbone, cfg.finetune)
-        objective = get_objective("supervised")(backbone.num_features, cfg.objective, num_classes)
-    else:
-        objective_cls = get_objective(cfg.objective.name)
-        objective = objective_cls(backbone.num_features, cfg.objective, num_classes, backbone=backbone)
-    return TrainModule(backbone, objective)
-
-
-def train_mode(module: nn.Module) -> None:
-    """module.train(), except batch norms whose weights are frozen keep their running stats.
-
-    Otherwise a LoRA or linear fine-tune would silently change the frozen backbone through
-    its BatchNorm statistics, and the saved adapter would no longer reproduce the model.
-    """
-    module.train()
-    for layer in module.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            if not any(p.requires_grad for p in layer.parameters(recurse=False)):
-                layer.eval()
 
 
 @torch.no_grad()
@@ -205,7 +168,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     module = build_model(cfg, job, len(classes))
     parameters = parameter_report(module)  # trainable, total, share
-    if device.type == "cuda":
+    if device.type == "cuda" and cfg.train.strategy == "ddp":
+        # Faster convolutions under bf16. Not under FSDP2: it refuses non-contiguous parameters.
         module = module.to(memory_format=torch.channels_last)
     model = parallelize(module, cfg.train, device)
     plain = unwrap(model)
