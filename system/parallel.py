@@ -6,8 +6,8 @@ FSDP2 follows torchtitan's parallelize functions: activation checkpointing, then
 torch.compile, then `fully_shard` on every residual block / stage, then on the root, so
 each block's parameters are all-gathered just before it runs and freed after. Works for
 timm ViTs (`blocks`), ConvNeXts (`stages`) and ResNets (`layer1..4`), with or without a
-peft wrapper around the backbone. On GPU the parameters compute in bf16 (batch norms in fp32) and gradients
-reduce in fp32; on CPU (gloo) everything stays fp32.
+peft wrapper around the backbone. On GPU the parameters compute in bf16 (batch norms in
+fp32) and gradients reduce in fp32; on CPU (gloo) everything stays fp32.
 """
 
 from __future__ import annotations
