@@ -18,10 +18,12 @@ How a build runs, with memory bounded by one batch of vectors plus the index its
    folder, and the rows of the training sample are kept on the way. After training on
    the driver, each shard is a Ray task that streams only its own staging files, checks
    its ids are unique (a duplicate id always hashes to one shard), adds the vectors and
-   writes its FAISS file and its own id map `ids-NNNNN.parquet`, then deletes its staging
-   files. Neither the driver nor any task holds all ids, and the dataset is read once
-   rather than once per shard (at 1B x 128 dims, 512 GB instead of 512 GB x N), at the
-   cost of scratch space for one copy of it beside the index while the build runs.
+   writes its FAISS file and its own id map `ids-NNNNN.parquet`, saves its result, then
+   deletes its staging files (a retry of the task, after its worker died, returns that
+   result rather than failing on files that are gone). Neither the driver nor any task
+   holds all ids, and the dataset is read once rather than once per shard (at 1B x 128
+   dims, 512 GB instead of 512 GB x N), at the cost of scratch space for one copy of it
+   beside the index while the build runs.
    On-disk IVF shards add in blocks that `faiss.contrib.ondisk.merge_ondisk` merges into
    one memory-mapped `.ivfdata` file. While adding, each shard keeps the exact top-10 of
    the tuning queries.
@@ -285,6 +287,12 @@ def build_shard(
     and the exact top-k of `queries`.
     """
     staged = counts is None
+    done = Path(folder) / PARTITION_DIR / f"shard-{shard:05d}.done.npz"
+    if staged and done.exists():
+        # A retry (Ray re-runs a task whose worker died) after this shard had finished and
+        # begun deleting its staging files: its index and id map are written, the result saved.
+        with np.load(done) as saved:
+            return {"count": int(saved["count"]), "scores": saved["scores"], "labels": saved["labels"]}
     if staged:
         _check_unique(files)
         schema = pq.read_schema(files[0])
@@ -311,11 +319,15 @@ def build_shard(
         blocks.append(_write_block(index, folder, shard, len(blocks)))
         index = _merge_on_disk(trained, blocks, folder, shard, num_shards)
     faiss.write_index(index, str(Path(folder) / shard_file(shard, num_shards)))
+    heap.finalize()
+    result = {"count": count, "scores": heap.D, "labels": heap.I}
     if staged:  # frees the scratch space as shards finish, not only at the end
+        with open(f"{done}.tmp", "wb") as out:  # saved first, so that a retry needs no staging file
+            np.savez(out, **result)
+        os.replace(f"{done}.tmp", done)
         for path in files:
             os.remove(path)
-    heap.finalize()
-    return {"count": count, "scores": heap.D, "labels": heap.I}
+    return result
 
 
 def _write_block(index: faiss.Index, folder: str, shard: int, block: int) -> str:

@@ -140,9 +140,17 @@ def test_sharded_build_reads_embeddings_once(digits, sharded, tmp_path):
     shutil.rmtree(emb)
     trained = faiss.serialize_index(new_index(64, "Flat", "ip"))
     args = (str(tmp_path / "staging"), False, vectors[:5], "ip")
-    counts = [index_build.build_shard(trained, staged[s], None, s, 2, *args)["count"] for s in range(2)]
+    results = [index_build.build_shard(trained, staged[s], None, s, 2, *args) for s in range(2)]
+    counts = [r["count"] for r in results]
     assert counts == np.bincount(shard_of(ids, 2)).tolist()
-    assert not list((tmp_path / "staging" / ".partition").iterdir())  # each shard deleted its files
+    # Each shard deleted its staging files, keeping its result for a retry of its task.
+    assert sorted(p.name for p in (tmp_path / "staging" / ".partition").iterdir()) == [
+        "shard-00000.done.npz",
+        "shard-00001.done.npz",
+    ]
+    retried = index_build.build_shard(trained, staged[1], None, 1, 2, *args)  # its files are gone
+    assert retried["count"] == counts[1]
+    np.testing.assert_array_equal(retried["labels"], results[1]["labels"])
     sizes = [faiss.read_index(str(tmp_path / "staging" / f"index-0000{s}.faiss")).ntotal for s in range(2)]
     assert sizes == counts
 
