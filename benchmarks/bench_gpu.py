@@ -18,8 +18,8 @@ step counted by torch.utils.flop_counter, over the GPU's dense bf16 peak) and pe
 
 Embedding: Embedder.embed under bf16 autocast, as Ray Data's EmbedActor and the Serve
 embedder run it: on a GPU-resident batch with and without channels_last, and from encoded
-JPEG bytes (decode + timm eval transform on the CPU, one thread, as a replica does) to
-show where a GPU replica's time goes.
+JPEG bytes (decode + timm eval transform on the CPU, on one thread and on all of them)
+to show where a GPU replica's time goes.
 
 Appends rows to benchmarks/RESULTS.md (or --results FILE).
 """
@@ -27,16 +27,14 @@ Appends rows to benchmarks/RESULTS.md (or --results FILE).
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from common import append_row  # benchmarks/common.py (scripts run by path)
-from PIL import Image
+from bench_decode import photo_like_jpegs  # benchmarks/ (scripts run by path)
+from common import append_row
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -137,19 +135,6 @@ def train_throughput(model_name: str, variant: str, args, device: torch.device) 
     return result  # the model and optimizer go with this frame (empty_cache runs in main)
 
 
-def synthetic_jpegs(count: int, size: int = 320) -> list[bytes]:
-    """Smooth random images (low-frequency noise) as JPEG bytes, like photos in size and entropy."""
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(count):
-        small = rng.integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
-        image = Image.fromarray(small).resize((size, size), Image.BICUBIC)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=90)
-        out.append(buffer.getvalue())
-    return out
-
-
 @torch.inference_mode()
 def embed_throughput(model_name: str, args, device: torch.device) -> dict:
     torch.manual_seed(0)
@@ -171,7 +156,7 @@ def embed_throughput(model_name: str, args, device: torch.device) -> dict:
     channels_last = median_rate(lambda: forward(args.steps), args.batch * args.steps, 3, device)
 
     # From bytes: decoding and the eval transform on one CPU thread, then the GPU forward.
-    images = synthetic_jpegs(args.batch)
+    images = photo_like_jpegs(args.batch, 320)
     torch.set_num_threads(1)
 
     def from_bytes() -> None:
@@ -180,8 +165,15 @@ def embed_throughput(model_name: str, args, device: torch.device) -> dict:
 
     from_bytes()
     end_to_end = median_rate(from_bytes, len(images), 3, device)
-    torch.set_num_threads(os.cpu_count() or 1)
-    return {"forward": plain, "forward_channels_last": channels_last, "from_jpeg_1_thread": end_to_end}
+    torch.set_num_threads(os.cpu_count() or 1)  # embed_images decodes on torch's thread count
+    from_bytes()
+    all_threads = median_rate(from_bytes, len(images), 3, device)
+    return {
+        "forward": plain,
+        "forward_channels_last": channels_last,
+        "from_jpeg_1_thread": end_to_end,
+        "from_jpeg_all_threads": all_threads,
+    }
 
 
 def start_process_group(device: torch.device) -> None:
@@ -245,7 +237,8 @@ def main() -> None:
         print(
             f"embed {name:24s} forward {e['forward']:.0f} img/s, "
             f"channels_last {e['forward_channels_last']:.0f} img/s, "
-            f"from JPEG bytes (1 CPU thread) {e['from_jpeg_1_thread']:.0f} img/s",
+            f"from JPEG bytes: 1 CPU thread {e['from_jpeg_1_thread']:.0f} img/s, "
+            f"{os.cpu_count()} threads {e['from_jpeg_all_threads']:.0f} img/s",
             flush=True,
         )
         if not args.no_record:
@@ -254,7 +247,8 @@ def main() -> None:
                 f"embed {name} 224px bf16 autocast, batch {args.batch}, in-process (Embedder.embed), "
                 "median of 3",
                 f"forward {e['forward']:.0f} img/s (channels_last {e['forward_channels_last']:.0f}); "
-                f"from 320px JPEG bytes, decode on 1 CPU thread: {e['from_jpeg_1_thread']:.0f} img/s",
+                f"from 320px JPEG bytes, decode on 1 CPU thread: {e['from_jpeg_1_thread']:.0f} img/s, "
+                f"on {os.cpu_count()} threads: {e['from_jpeg_all_threads']:.0f} img/s",
                 "forward without channels_last",
                 f"channels_last x{e['forward_channels_last'] / e['forward']:.2f}; "
                 f"decode-bound share {1 - e['from_jpeg_1_thread'] / e['forward_channels_last']:.2f}",

@@ -13,6 +13,7 @@ without restarting replicas. On their own:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from system.transforms import eval_transform, images_to_tensor
+from system.transforms import decode_threads, eval_transform, images_to_tensor
 
 log = logging.getLogger("ray.serve")
 
@@ -144,7 +145,8 @@ class EmbedderDeployment:
 
     async def _run(self, version: ModelVersion, images: list[bytes], batched) -> tuple[np.ndarray, list[int]]:
         # Decoding and resizing stay off the event loop so the batcher keeps collecting.
-        tensor = torch.from_numpy(await asyncio.to_thread(images_to_tensor, images, version.transform))
+        decode = functools.partial(images_to_tensor, images, version.transform, decode_threads())
+        tensor = torch.from_numpy(await asyncio.to_thread(decode))
         # A request larger than one batch is split; each chunk queues like a small request.
         chunks = torch.split(tensor, self.max_batch_size)
         outs = await asyncio.gather(*(batched((version, chunk)) for chunk in chunks))

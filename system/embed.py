@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from system import storage
-from system.transforms import eval_transform, images_to_tensor
+from system.transforms import decode_threads, eval_transform, images_to_tensor
 
 
 class EmbedError(ValueError):
@@ -81,7 +81,7 @@ def read_embeddings(
 @torch.inference_mode()
 def embed_images(model, pre: dict, images: list[bytes], device: str = "cpu") -> np.ndarray:
     """In-process embedding of encoded images: the same path Ray Data actors and Serve use."""
-    batch = torch.from_numpy(images_to_tensor(images, eval_transform(pre))).to(device)
+    batch = torch.from_numpy(images_to_tensor(images, eval_transform(pre), decode_threads())).to(device)
     return model.embed(batch).float().cpu().numpy()
 
 
@@ -99,7 +99,7 @@ class EmbedActor:
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
         images = batch.column("image").to_pylist()
-        tensor = torch.from_numpy(images_to_tensor(images, self.transform)).to(self.device)
+        tensor = torch.from_numpy(images_to_tensor(images, self.transform, decode_threads())).to(self.device)
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
             vectors = self.model.embed(tensor).float().cpu().numpy()
         # `path` (from include_paths) tells the driver which output shard the rows belong to.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -61,9 +62,27 @@ def ssl_view_transform(pre: dict, hflip: bool = True):
     return v2.Compose(steps)
 
 
-def images_to_tensor(images, transform) -> np.ndarray:
-    """Encoded image bytes -> float32 array [N, 3, H, W]."""
-    return np.stack([transform(decode_image(data)).numpy() for data in images]).astype(np.float32)
+def images_to_tensor(images, transform, threads: int = 1) -> np.ndarray:
+    """Encoded image bytes -> float32 array [N, 3, H, W], decoded on `threads` threads.
+
+    PIL's decoder and resampler and torch's ops release the GIL, so threads scale with the
+    CPUs a process has. That matters on GPUs: one CPU thread decodes about 200 photo-sized
+    JPEGs/s, where the GPU embeds 12,000 (benchmarks/bench_gpu.py). Random transforms
+    (SSL views) stay on one thread so their random draws keep a fixed order.
+    """
+    threads = min(threads, len(images))
+    if threads <= 1:
+        arrays = [transform(decode_image(data)).numpy() for data in images]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            arrays = list(pool.map(lambda data: transform(decode_image(data)).numpy(), images))
+    return np.stack(arrays).astype(np.float32)
+
+
+def decode_threads() -> int:
+    """Threads for decoding in this process: torch's count, which Ray sets to the CPUs that a
+    task or actor reserved (so a replica given 8 CPUs decodes on 8 threads, one given 1 on 1)."""
+    return torch.get_num_threads()
 
 
 @functools.lru_cache(maxsize=8)

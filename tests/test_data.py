@@ -310,3 +310,16 @@ def test_digits_dataset_is_real_split_and_reused(digits_data):
     mtimes = [p.stat().st_mtime_ns for p in parts]
     assert digits_dataset(str(Path(train_uri).parent)) == (train_uri, test_uri)
     assert [p.stat().st_mtime_ns for p in parts] == mtimes  # written once, reused
+
+
+def test_threaded_decoding_equals_one_thread(cifar10_dir):
+    """Real CIFAR-10 images through a timm eval transform: 4 threads give the same tensor, in order."""
+    from system.transforms import eval_transform, images_to_tensor
+
+    images = pq.read_table(cifar10_dir / "test.parquet", columns=["image"]).slice(0, 64)
+    images = images.column("image").to_pylist()
+    pre = {"size": 48, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic", "crop_pct": 0.9}
+    one = images_to_tensor(images, eval_transform(pre))
+    four = images_to_tensor(images, eval_transform(pre), threads=4)
+    assert one.shape == (64, 3, 48, 48) and one.std() > 0.1
+    np.testing.assert_array_equal(four, one)
