@@ -28,9 +28,11 @@ How a build runs, with memory bounded by one batch of vectors plus the index its
    one memory-mapped `.ivfdata` file. While adding, each shard keeps the exact top-10 of
    the tuning queries.
 3. The driver sweeps search parameters against that exact top-10 (system/index_tune.py)
-   on the FAISS shards alone, writes the manifest (`rows_read`: rows streamed from the
-   embeddings, the count when sharded, twice it with one shard), and publishes the folder
-   atomically; `.partition/` is gone before that, and a failure anywhere leaves nothing.
+   on the FAISS shards alone (shard 0 alone when the shard files hold more than
+   TUNE_WHOLE_INDEX_BYTES; the manifest's `tuned_on` says which), writes the manifest
+   (`rows_read`: rows streamed from the embeddings, the count when sharded, twice it with
+   one shard), and publishes the folder atomically; `.partition/` is gone before that,
+   and a failure anywhere leaves nothing.
 """
 
 from __future__ import annotations
@@ -78,6 +80,11 @@ BATCH_ROWS = 65_536  # bounds the temporary memory per Parquet batch and per FAI
 TRAIN_SAMPLE = 100_000  # PQ codebooks and small coarse quantizers gain little from more points
 POINTS_PER_CENTROID = 40  # k-means needs about this many per list (FAISS warns below 39)
 ONDISK_BLOCK = 1_000_000  # vectors per in-RAM block before it is merged into the on-disk lists
+# The search-parameter sweep after a build loads the index into the driver: the whole index
+# up to this size of its shard files, else shard 0 alone with its own exact top-k. Shards are random
+# 1/N slices (crc32 of the id) under one trained quantizer, so one shard's operating points
+# stand for every shard's, and a billion-vector build never needs the whole index in the driver.
+TUNE_WHOLE_INDEX_BYTES = 8 << 30
 PARTITION_DIR = ".partition"  # staging files of a sharded build, inside the temporary index folder
 
 
@@ -517,13 +524,21 @@ def build_index(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "target_recall": target_recall,
         }
-        heap = exact_heap(queries, metric)
-        for result in results:
-            heap.add_result(result["scores"], result["labels"])
-        heap.finalize()
         # The sweep needs the FAISS shards only, never the id maps.
-        searcher = combine_shards(dim, read_shards(staging, manifest))
-        points = sweep(searcher, queries, heap.I) if count > TUNE_K else []
+        index_bytes = sum(os.path.getsize(staging / name) for name in manifest["files"])  # ~ its RAM
+        if shards > 1 and index_bytes > TUNE_WHOLE_INDEX_BYTES:
+            searcher = read_shards(staging, {**manifest, "files": manifest["files"][:1]})[0]
+            truth, tuned_count = results[0]["labels"], results[0]["count"]
+            manifest["tuned_on"] = f"shard 0 of {shards}"
+        else:
+            heap = exact_heap(queries, metric)
+            for result in results:
+                heap.add_result(result["scores"], result["labels"])
+            heap.finalize()
+            searcher = combine_shards(dim, read_shards(staging, manifest))
+            truth, tuned_count = heap.I, count
+            manifest["tuned_on"] = "all shards"
+        points = sweep(searcher, queries, truth) if tuned_count > TUNE_K else []
         del searcher
         manifest["operating_points"] = points
         manifest["search_params"] = (pick_point(points, target_recall) or {}).get("params", {})

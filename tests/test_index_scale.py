@@ -337,3 +337,16 @@ def test_bad_build_options(digits_uri, tmp_path):
     with pytest.raises(IndexInputError, match="target recall"):
         build_index(digits_uri, str(tmp_path / "a"), target_recall=1.5)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_large_sharded_build_tunes_on_one_shard(ray_local, digits, digits_uri, tmp_path, monkeypatch):
+    """Above TUNE_WHOLE_INDEX_BYTES the sweep loads shard 0 alone; its parameters serve the whole index."""
+    ids, vectors = digits
+    monkeypatch.setattr(index_build, "TUNE_WHOLE_INDEX_BYTES", 0)  # as if the index were huge
+    manifest = build_index(digits_uri, str(tmp_path / "ivf"), "IVF16,Flat", shards=3, progress=False)
+    assert manifest["tuned_on"] == "shard 0 of 3" and manifest["operating_points"]
+    nprobe = manifest["search_params"]["nprobe"]
+    assert 1 <= nprobe < 16  # a real choice: fewer lists than all of them
+    queries = vectors[::20]
+    found, _ = open_index(str(tmp_path / "ivf")).search(queries, 10)  # with the chosen nprobe
+    assert _recall(found, _exact(vectors, queries, 10), ids) >= 0.9
