@@ -27,28 +27,35 @@ def _unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
 
 
-def load_classes(uri: str | None) -> dict:
-    """{fingerprint: {name: {"sum": np.ndarray, "count": int}}} from `uri` (empty when absent)."""
+# Ids of the latest changes, kept with the classes: a change that the ingress retries (its
+# reply was lost with a replica that had already saved it) is recognised and not applied twice.
+REMEMBERED_CHANGES = 1024
+
+
+def load_classes(uri: str | None) -> tuple[dict, list[str]]:
+    """({fingerprint: {name: {"sum", "count"}}}, ids of the latest changes) from `uri` (empty when absent)."""
     if not uri or not storage.exists(uri):
-        return {}
+        return {}, []
     fs, path = storage.filesystem(uri)
     with fs.open_input_stream(path) as f:
         raw = json.loads(f.read())
-    return {
+    classes = {
         fp: {
             name: {"sum": np.asarray(c["sum"], np.float32), "count": int(c["count"])}
             for name, c in cls.items()
         }
         for fp, cls in raw["models"].items()
     }
+    return classes, raw.get("applied", [])
 
 
-def classes_json(classes: dict) -> bytes:
+def classes_json(classes: dict, applied: list[str]) -> bytes:
     raw = {
         "models": {
             fp: {name: {"sum": c["sum"].tolist(), "count": c["count"]} for name, c in cls.items()}
             for fp, cls in classes.items()
-        }
+        },
+        "applied": applied[-REMEMBERED_CHANGES:],
     }
     return json.dumps(raw).encode()
 
@@ -95,7 +102,7 @@ class ClassesDeployment:
 
     def __init__(self, uri: str | None):
         self.uri = storage.normalize(uri) if uri else None
-        self.classes = load_classes(self.uri)
+        self.classes, self.applied = load_classes(self.uri)
         self._writing = asyncio.Lock()  # one write at a time, each with the state at its start
 
     async def list(self, fingerprint: str) -> list[dict]:
@@ -103,7 +110,10 @@ class ClassesDeployment:
             {"name": n, "examples": c["count"]} for n, c in sorted(self.classes.get(fingerprint, {}).items())
         ]
 
-    async def add(self, name: str, vectors: np.ndarray, fingerprint: str) -> list[dict]:
+    async def add(self, name: str, vectors: np.ndarray, fingerprint: str, change_id: str = "") -> list[dict]:
+        """Add examples to class `name` (created if new); a `change_id` already applied is a no-op."""
+        if change_id and change_id in self.applied:
+            return await self.list(fingerprint)
         per_model = self.classes.setdefault(fingerprint, {})
         entry = per_model.setdefault(name, {"sum": np.zeros(vectors.shape[1], np.float32), "count": 0})
         if entry["sum"].shape != vectors.shape[1:]:
@@ -111,14 +121,17 @@ class ClassesDeployment:
         # Unit vectors first, so every example weighs the same in the mean.
         entry["sum"] = entry["sum"] + _unit(vectors.astype(np.float32)).sum(axis=0)
         entry["count"] += len(vectors)
-        await self._save()
+        await self._save(change_id)
         return await self.list(fingerprint)
 
-    async def remove(self, name: str, fingerprint: str) -> bool:
+    async def remove(self, name: str, fingerprint: str, change_id: str = "") -> bool:
+        """Remove class `name`: False when there is none (True for a `change_id` already applied)."""
+        if change_id and change_id in self.applied:
+            return True
         if name not in self.classes.get(fingerprint, {}):
             return False
         del self.classes[fingerprint][name]
-        await self._save()
+        await self._save(change_id)
         return True
 
     async def classify(self, vectors: np.ndarray, fingerprint: str, k: int) -> list[list[dict]]:
@@ -127,8 +140,11 @@ class ClassesDeployment:
             raise LookupError(f"no live classes for model {fingerprint}: add some with POST /v1/classes")
         return nearest_prototypes(vectors, classes, k)
 
-    async def _save(self) -> None:
+    async def _save(self, change_id: str) -> None:
+        if change_id:
+            self.applied = [*self.applied[-(REMEMBERED_CHANGES - 1) :], change_id]
         if self.uri:
             async with self._writing:
                 # Serialised on the event loop (no add can interleave), written off it.
-                await asyncio.to_thread(write_atomically, self.uri, classes_json(self.classes))
+                data = classes_json(self.classes, self.applied)
+                await asyncio.to_thread(write_atomically, self.uri, data)

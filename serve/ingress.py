@@ -12,6 +12,7 @@ full (backpressure) or no replica answers, 504 past the request timeout.
 import asyncio
 import json
 import time
+import uuid
 import zlib
 
 import numpy as np
@@ -420,7 +421,10 @@ class RepforgeIngress:
             raise ApiError(422, "validation_error", "name: a class name of 1 to 200 characters is required")
         deadline = self.deadline()
         out = await self.embed_images(query.images, deadline)
-        classes = await call(self.classes.add, query.name, out["vectors"], out["model"], deadline=deadline)
+        change = uuid.uuid4().hex  # the same on retries: a lost reply does not add the examples twice
+        classes = await call(
+            self.classes.add, query.name, out["vectors"], out["model"], change, deadline=deadline
+        )
         return {"model": out["model"], "classes": classes}
 
     @api.delete("/v1/classes", response_model=ClassesResponse, responses=ERRORS)
@@ -428,7 +432,8 @@ class RepforgeIngress:
         """Remove a live class of the served model."""
         deadline = self.deadline()
         fingerprint = await self.fingerprint(deadline)
-        if not await call(self.classes.remove, name, fingerprint, deadline=deadline):
+        change = uuid.uuid4().hex  # the same on retries: a lost reply is no 404 on the retry
+        if not await call(self.classes.remove, name, fingerprint, change, deadline=deadline):
             raise ApiError(404, "unknown_class", f"no live class {name!r} for model {fingerprint}")
         return {
             "model": fingerprint,

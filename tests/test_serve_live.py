@@ -260,6 +260,32 @@ def test_live_classes_prototypes_survive_a_restart(live):
     assert_error(live.client.request("DELETE", "/v1/classes", params={"name": "one"}), 404, "unknown_class")
 
 
+def test_retried_class_changes_apply_once(tmp_path):
+    """The ingress retries a call whose replica died; one that had saved its change must not apply twice."""
+    import asyncio
+
+    from serve.classes import ClassesDeployment
+
+    store = ClassesDeployment.func_or_class  # the plain class under the deployment
+    uri = str(tmp_path / "classes.json")
+    a, b = np.eye(4, dtype=np.float32)[:1], np.eye(4, dtype=np.float32)[1:2]
+
+    async def scenario():
+        first = store(uri)
+        await first.add("cat", a, "fp", "change-1")
+        await first.add("cat", b, "fp", "change-2")
+        restarted = store(uri)  # the replica died after saving change-2, before it replied
+        assert await restarted.add("cat", b, "fp", "change-2") == [{"name": "cat", "examples": 2}]
+        assert await restarted.add("cat", b, "fp", "change-3") == [{"name": "cat", "examples": 3}]
+        assert await restarted.remove("cat", "fp", "change-4")
+        assert await store(uri).remove("cat", "fp", "change-4")  # a retried remove: no 404
+        assert not await store(uri).remove("cat", "fp", "change-5")  # a new one: gone
+        return store(uri)
+
+    final = asyncio.run(scenario())
+    assert final.classes == {"fp": {}} and final.applied[-2:] == ["change-3", "change-4"]
+
+
 def test_knn_vote_and_head(live):
     picks = [3, 40, 41]
     images = [live.images[i] for i in picks]
