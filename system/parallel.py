@@ -40,8 +40,13 @@ def timm_model(backbone: nn.Module) -> nn.Module:
     return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
 
 
-def apply_fsdp(module: nn.Module, train_cfg, device: torch.device) -> nn.Module:
-    """Shard `module` (backbone + objective heads) over all ranks with FSDP2."""
+def apply_fsdp(module: nn.Module, train_cfg, device: torch.device, bf16: bool | None = None) -> nn.Module:
+    """Shard `module` (backbone + objective heads) over all ranks with FSDP2.
+
+    `bf16`: bf16 parameters in compute (default: on CUDA); tests set it on CPU to run the
+    GPU's dtype path there.
+    """
+    bf16 = device.type == "cuda" if bf16 is None else bf16
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -54,11 +59,11 @@ def apply_fsdp(module: nn.Module, train_cfg, device: torch.device) -> nn.Module:
         for block in blocks:
             block.compile()  # in place: parameter names (and checkpoints) stay the same
     options = {"mesh": mesh}
-    if device.type == "cuda":
+    if bf16:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if train_cfg.cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
-    if device.type == "cuda":
+    if bf16:
         # Batch norms keep fp32 weights (their running stats are fp32 buffers, which bf16
         # weights clash with in backward): each is its own FSDP group with an fp32 policy
         # that leaves its bf16 input as it is, the same mix autocast gives under DDP.

@@ -44,21 +44,25 @@ from system.transforms import preprocess_batch, preprocessing_config
 
 
 @torch.no_grad()
-def evaluate(module: TrainModule, val_shard, job: str, batch_size: int, device) -> dict:
+def evaluate(module: TrainModule, batches, job: str, bf16: bool) -> dict:
     """Validation metrics on the full val set: kNN top-1, RankMe, uniformity; accuracy for fine-tunes.
 
-    Under FSDP every rank runs it in lockstep (the forward all-gathers parameters) and the
-    root's own parameters are gathered explicitly, since the heads run outside its forward.
+    `batches`: the val set's batches (dicts of tensors on the module's device). Under FSDP
+    every rank runs it in lockstep (the forward all-gathers parameters) and the root's own
+    parameters are gathered explicitly, since the heads run outside its forward. `bf16`
+    runs it under bf16 autocast, as on GPUs: needed there under FSDP2, whose gathered
+    parameters are bf16 while the input images are fp32.
     """
     module.eval()
     sharded = hasattr(module, "unshard")
     if sharded:
         module.unshard()
     features, labels, correct, correct5, confusion = [], [], 0, 0, None
-    for batch in val_shard.iter_torch_batches(batch_size=batch_size, device=device):
-        embedding = module.backbone(batch["image"])
+    for batch in batches:
+        with torch.autocast(batch["image"].device.type, torch.bfloat16, enabled=bf16):
+            embedding = module.backbone(batch["image"])
+            logits = module.objective.head(embedding) if job == "finetune" else None
         if job == "finetune":
-            logits = module.objective.head(embedding)
             target = batch["label"].long()
             correct += (logits.argmax(-1) == target).sum().item()
             top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
@@ -266,7 +270,8 @@ def train_loop_per_worker(config: dict) -> None:
                     **{k: float(v) for k, v in extra.items()},
                 }
                 if evaluates and should_eval:
-                    metrics.update(evaluate(plain, val_shard, job, cfg.train.batch_size, device))
+                    batches = val_shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device)
+                    metrics.update(evaluate(plain, batches, job, bf16=device.type == "cuda"))
                 confusion = metrics.pop("confusion", None)  # not a scalar: goes to model.json
                 progress = {
                     "step": step,

@@ -198,3 +198,33 @@ def test_fsdp_finds_the_residual_blocks(name, kwargs, blocks):
 def test_fsdp_refuses_a_model_without_blocks():
     with pytest.raises(ValueError, match="train.strategy"):
         residual_blocks(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten()))
+
+
+def _bf16_fsdp_worker(rank, world, out):
+    from system.config import build_config
+    from system.train import evaluate
+    from system.train_module import build_model
+
+    tree = {"model": {"name": "test_resnet"}, "finetune": {"method": "full"}, "train": {"strategy": "fsdp"}}
+    cfg = build_config(tree)
+    torch.manual_seed(0)
+    reference = build_model(cfg, "finetune", 3)
+    torch.manual_seed(0)
+    module = apply_fsdp(build_model(cfg, "finetune", 3), cfg.train, torch.device("cpu"), bf16=True)
+    gen = torch.Generator().manual_seed(2)
+    batch = {"image": torch.randn(8, 3, 32, 32, generator=gen), "label": torch.arange(8) % 3}
+    loss, _ = module(batch)
+    loss.backward()
+    expected, _ = reference(batch)
+    metrics = evaluate(module, [batch, batch], "finetune", bf16=True)
+    torch.save({"loss": loss.item(), "expected": expected.item(), **metrics}, Path(out) / "result.pt")
+
+
+def test_fsdp_bf16_trains_and_evaluates(tmp_path):
+    """FSDP2 as on a GPU (bf16 parameters, fp32 batch norms), run on CPU: a training step and
+    the validation pass (whose fp32 images meet bf16 weights) work and match fp32."""
+    spawn(_bf16_fsdp_worker, 1, str(tmp_path))
+    result = torch.load(tmp_path / "result.pt")
+    assert result["loss"] == pytest.approx(result["expected"], rel=0.02)
+    assert 0 <= result["val_acc"] <= 1 and result["rankme"] > 1
+    assert len(result["confusion"]) == 3
