@@ -403,28 +403,7 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=(), start_from
             file=sys.stderr,
             flush=True,
         )
-    pre = plan["meta"]["preprocessing"]
-    mode = "ssl" if job == "pretrain" and get_objective(cfg.objective.name).views == 2 else "eval"
-    # Decoding and augmentation run as Ray Data tasks beside the workers (streaming).
-    # Their progress bars would interleave with the workers' progress lines: off.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    train = read_dataset(cfg.data.train, cfg.data.limit)
-    if cfg.data.shuffle == "global":  # datasets are often sorted by class (CIFAR-10's files are)
-        train = train.random_shuffle()  # shuffles the encoded rows, before decoding
-    # Small batches: a worker's first step waits for one batch, not for a 1,024-image block.
-    batch = cfg.train.batch_size
-    datasets = {
-        "train": train.map_batches(
-            preprocess_batch,
-            batch_size=batch,
-            fn_kwargs={"pre": pre, "mode": mode, "hflip": cfg.data.hflip},
-        )
-    }
-    if cfg.data.val:
-        val = read_dataset(cfg.data.val)
-        datasets["val"] = val.map_batches(
-            preprocess_batch, batch_size=batch, fn_kwargs={"pre": pre, "mode": "eval"}
-        )
+    datasets = input_datasets(cfg, job, plan["meta"]["preprocessing"])
     storage_root = storage.normalize(cfg.run.storage)
     return TorchTrainer(
         train_loop_per_worker,
@@ -451,8 +430,40 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=(), start_from
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # Blocks reach the workers in order, so each worker's share is the same in every run.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"], execution_options=ray.data.ExecutionOptions(preserve_order=True)
+        ),
     )
+
+
+def input_datasets(cfg: JobConfig, job: str, pre: dict) -> dict:
+    """The Ray Data pipelines of a run: decoding and augmentation as tasks beside the workers.
+
+    Reproducible on `seed`: the global shuffle is seeded (a new order each epoch, the same
+    orders in every run) and so are the SSL views of each batch (preprocess_batch).
+    """
+    mode = "ssl" if job == "pretrain" and get_objective(cfg.objective.name).views == 2 else "eval"
+    # Their progress bars would interleave with the workers' progress lines: off.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    train = read_dataset(cfg.data.train, cfg.data.limit)
+    seed = None
+    if cfg.data.shuffle == "global":  # datasets are often sorted by class (CIFAR-10's files are)
+        # Shuffles the encoded rows, before decoding; reseeded after each epoch.
+        train = train.random_shuffle(
+            seed=ray.data.RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True)
+        )
+        seed = cfg.seed  # batches differ every epoch, so seeded views do too
+    # Small batches: a worker's first step waits for one batch, not for a 1,024-image block.
+    batch = cfg.train.batch_size
+    options = {"pre": pre, "mode": mode, "hflip": cfg.data.hflip, "seed": seed}
+    datasets = {"train": train.map_batches(preprocess_batch, batch_size=batch, fn_kwargs=options)}
+    if cfg.data.val:
+        val = read_dataset(cfg.data.val)
+        datasets["val"] = val.map_batches(
+            preprocess_batch, batch_size=batch, fn_kwargs={"pre": pre, "mode": "eval"}
+        )
+    return datasets
 
 
 def checkpoint_policy(cfg: JobConfig) -> ray.train.CheckpointConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -92,18 +93,30 @@ def _cached_transform(pre_json: str, mode: str, hflip: bool):
 
 
 def preprocess_batch(
-    batch: dict, pre: dict, mode: str = "eval", keep: tuple[str, ...] = ("label",), hflip: bool = True
+    batch: dict,
+    pre: dict,
+    mode: str = "eval",
+    keep: tuple[str, ...] = ("label",),
+    hflip: bool = True,
+    seed: int | None = None,
 ) -> dict:
     """For Ray Data `map_batches` (as tasks): decode and transform a batch of rows.
 
     mode "eval" -> column `image`; mode "ssl" -> two augmented views `view1`, `view2`
     (`hflip` false: no horizontal flips). Columns listed in `keep` pass through unchanged.
+    With a `seed`, the views' random draws are seeded by it and the batch's ids, in order:
+    the same batch gives the same views in every run, and since a seeded global shuffle
+    makes other batches each epoch, each epoch still sees new views.
     """
     transform = _cached_transform(json.dumps(pre, sort_keys=True), mode, hflip)
     out = {k: batch[k] for k in keep if k in batch}
-    if mode == "ssl":
+    if mode != "ssl":
+        out["image"] = images_to_tensor(batch["image"], transform)
+        return out
+    with torch.random.fork_rng(devices=[]):  # the task's own generator is left as it was
+        if seed is not None:
+            rows = batch["id"] if "id" in batch else batch["image"]
+            torch.manual_seed(zlib.crc32("\n".join(map(str, rows)).encode(), seed))
         out["view1"] = images_to_tensor(batch["image"], transform)
         out["view2"] = images_to_tensor(batch["image"], transform)
-    else:
-        out["image"] = images_to_tensor(batch["image"], transform)
     return out

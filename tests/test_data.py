@@ -323,3 +323,38 @@ def test_threaded_decoding_equals_one_thread(cifar10_dir):
     four = images_to_tensor(images, eval_transform(pre), threads=4)
     assert one.shape == (64, 3, 48, 48) and one.std() > 0.1
     np.testing.assert_array_equal(four, one)
+
+
+def test_training_input_is_reproducible_on_the_seed(ray_local, digits_data):
+    """Same seed: the same shuffled order and SSL views each epoch, in every run; new ones each epoch."""
+    import ray.data
+
+    from system.config import build_config
+    from system.train import input_datasets
+
+    def run(seed: int, epochs: int = 2) -> list[tuple[list, np.ndarray]]:
+        data = {"train": digits_data[0], "limit": 256}
+        cfg = build_config(
+            {"data": data, "objective": {"name": "simclr"}, "train": {"batch_size": 32}, "seed": seed}
+        )
+        pre = {"size": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "crop_pct": 1.0}
+        train = input_datasets(cfg, "pretrain", pre)["train"]
+        epoch_data = []
+        for _ in range(epochs):  # each pass is one execution, as each epoch of a run is
+            batches = list(train.iter_batches(batch_size=None))
+            views = np.concatenate([b["view1"] for b in batches])
+            epoch_data.append((np.concatenate([b["label"] for b in batches]).tolist(), views))
+        return epoch_data
+
+    context = ray.data.DataContext.get_current()
+    kept, context.execution_options.preserve_order = context.execution_options.preserve_order, True
+    try:
+        first, again, other = run(3), run(3), run(4, epochs=1)
+    finally:
+        context.execution_options.preserve_order = kept
+    for (labels, views), (labels_again, views_again) in zip(first, again, strict=True):
+        assert labels == labels_again
+        np.testing.assert_array_equal(views, views_again)
+    assert first[0][0] != first[1][0]  # a new order in the second epoch
+    assert sorted(first[0][0]) == sorted(first[1][0])  # of the same rows
+    assert first[0][0] != other[0][0] and not np.array_equal(first[0][1], other[0][1])
