@@ -46,10 +46,10 @@ def apply_fsdp(module: nn.Module, train_cfg, device: torch.device, bf16: bool | 
     `bf16`: bf16 parameters in compute (default: on CUDA); tests set it on CPU to run the
     GPU's dtype path there.
     """
-    bf16 = device.type == "cuda" if bf16 is None else bf16
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    bf16 = device.type == "cuda" if bf16 is None else bf16
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     backbone = module.backbone
     if train_cfg.activation_checkpointing:
@@ -59,11 +59,10 @@ def apply_fsdp(module: nn.Module, train_cfg, device: torch.device, bf16: bool | 
         for block in blocks:
             block.compile()  # in place: parameter names (and checkpoints) stay the same
     options = {"mesh": mesh}
-    if bf16:
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if train_cfg.cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
     if bf16:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         # Batch norms keep fp32 weights (their running stats are fp32 buffers, which bf16
         # weights clash with in backward): each is its own FSDP group with an fp32 policy
         # that leaves its bf16 input as it is, the same mix autocast gives under DDP.
