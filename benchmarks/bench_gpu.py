@@ -193,8 +193,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (FSDP only)")
     parser.add_argument("--skip-embed", action="store_true")
     parser.add_argument("--no-record", action="store_true", help="print only; no RESULTS.md row")
+    parser.add_argument("--cpu", action="store_true", help="run on CPU anyway (a smoke run of the script)")
     args = parser.parse_args()
+    if not torch.cuda.is_available() and not args.cpu:
+        print("bench_gpu.py: no GPU here, nothing measured (--cpu runs it on the CPU as a smoke test)")
+        return
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    args.no_record = args.no_record or device.type == "cpu"  # a CPU smoke run records nothing
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 baseline is plain fp32
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = True
