@@ -108,16 +108,15 @@ def train_throughput(model_name: str, variant: str, args, device: torch.device) 
     else:
         model = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
         use_autocast = bf16
-    plain = module
-    train_mode(plain)
-    optimizer = build_optimizer(plain, cfg.train)
+    train_mode(module)
+    optimizer = build_optimizer(module, cfg.train)
 
     def steps(count: int) -> None:
         for _ in range(count):
             with torch.autocast(device.type, torch.bfloat16, enabled=use_autocast):
                 loss, _ = model(batch)
                 loss.backward()
-            torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.train.grad_clip)
+            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 

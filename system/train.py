@@ -404,7 +404,6 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=(), start_from
             flush=True,
         )
     datasets = input_datasets(cfg, job, plan["meta"]["preprocessing"])
-    storage_root = storage.normalize(cfg.run.storage)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -424,7 +423,7 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=(), start_from
         ),
         run_config=ray.train.RunConfig(
             name=plan["run_name"],
-            storage_path=storage.join(storage_root, "_ray"),
+            storage_path=train_storage(cfg.run.storage),
             callbacks=list(callbacks),
             checkpoint_config=checkpoint_policy(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
@@ -435,6 +434,11 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=(), start_from
             datasets_to_split=["train"], execution_options=ray.data.ExecutionOptions(preserve_order=True)
         ),
     )
+
+
+def train_storage(storage_root: str) -> str:
+    """Where Ray Train keeps its runs (checkpoints, state) under `run.storage`: `{storage}/_ray`."""
+    return storage.join(storage.normalize(storage_root), "_ray")
 
 
 def input_datasets(cfg: JobConfig, job: str, pre: dict) -> dict:

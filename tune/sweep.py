@@ -48,7 +48,7 @@ from ray.util.queue import Empty, Queue
 from system import storage
 from system.config import ConfigError, JobConfig, build_config, set_dotted
 from system.data import count_rows, read_classes
-from system.train import MetricsLogger, absolute_uris, build_trainer, plan_run, publish_result
+from system.train import MetricsLogger, absolute_uris, build_trainer, plan_run, publish_result, train_storage
 from tune.ranks import describe, spectrum_prior
 from tune.report import finite as _finite
 from tune.report import format_table, pareto_front, pareto_png, sort_rows, to_csv
@@ -151,8 +151,8 @@ def _fit_and_report(trainer, reports: Queue, extra: dict) -> None:
 
 def _next_generation(storage_root: str, trial_run: str) -> str:
     """`{trial_run}/gen-<n>`, a Train run name that no earlier start of this trial used."""
-    fs, path = storage.filesystem(storage.join(storage.normalize(storage_root), "_ray", trial_run))
-    runs = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))  # build_trainer's storage_path
+    fs, path = storage.filesystem(storage.join(train_storage(storage_root), trial_run))
+    runs = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return f"{trial_run}/gen-{1 + sum(info.base_name.startswith('gen-') for info in runs)}"
 
 
