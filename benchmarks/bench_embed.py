@@ -1,11 +1,14 @@
 """Batch embedding throughput: `repforge embed` (Ray Data actor pool) vs a bare in-process loop.
 
     .venv/bin/python benchmarks/bench_embed.py [--rows 5000] [--model test_resnet] [--repeats 3]
+    python benchmarks/bench_embed.py --model resnet50 --image-size 224 --rows 20000   # a GPU machine
 
 Baseline, measured in the same run: one process decoding, preprocessing and running the
-model batch by batch, with no Ray. Prints images/s for both and their ratio (median of
+model batch by batch, with no Ray (on the GPU with bf16 autocast when there is one, decoding
+on all CPU threads). Prints images/s for both and their ratio (median of
 --repeats), and appends a dated row with the machine to benchmarks/RESULTS.md. Uses real
-CIFAR-10 from ../shared when present, else scikit-learn's digits.
+CIFAR-10 test (../shared, or $REPFORGE_CIFAR10) when present, else scikit-learn's digits;
+--image-size resizes it to the model's input.
 """
 
 from __future__ import annotations
@@ -16,14 +19,12 @@ import shutil
 import statistics
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from common import machine  # benchmarks/common.py (scripts run by path)
+from common import CIFAR10, append_row  # benchmarks/common.py (scripts run by path)
 
-ROOT = Path(__file__).resolve().parents[1]
-CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10" / "test.parquet"
+CIFAR = CIFAR10 / "test.parquet"
 
 
 def main() -> None:
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=5000)
     parser.add_argument("--model", default="test_resnet")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=32, help="model input size (images are resized)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -45,16 +47,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     data = str(CIFAR) if CIFAR.is_file() else digits_dataset(str(work / "digits"))[0]
     backbone = create_backbone(args.model, {})
-    meta = {"timm_name": args.model, "timm_kwargs": {}, "preprocessing": preprocessing_config(backbone, 32)}
+    pre = preprocessing_config(backbone, args.image_size)
+    meta = {"timm_name": args.model, "timm_kwargs": {}, "preprocessing": pre}
     save_model(str(work / "model"), Embedder(backbone), meta)
-    model, meta = load_artifact(str(work / "model"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, meta = load_artifact(str(work / "model"), device)
     images = pq.read_table(data, columns=["image"]).column("image").to_pylist()[: args.rows]
     rows = len(images)
 
     def bare() -> float:
         start = time.perf_counter()
         for i in range(0, rows, args.batch_size):
-            embed_images(model, meta["preprocessing"], images[i : i + args.batch_size])
+            embed_images(model, meta["preprocessing"], images[i : i + args.batch_size], device)
         return rows / (time.perf_counter() - start)
 
     ray.init(include_dashboard=False)
@@ -72,13 +76,10 @@ def main() -> None:
     ours = statistics.median(with_ray() for _ in range(args.repeats))
     ratio = ours / baseline
     print(f"bare loop: {baseline:.0f} img/s; repforge embed: {ours:.0f} img/s; ratio {ratio:.2f}")
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    with open(results, "a") as f:
-        f.write(
-            f"| {date.today()} | bench_embed | {args.model}, {rows} rows of {Path(data).parent.name}, "
-            f"batch {args.batch_size} | {ours:.0f} img/s | bare loop {baseline:.0f} img/s | "
-            f"{ratio:.2f} | {machine()} |\n"
-        )
+    source = Path(data).parent.name
+    setup = f"{args.model} {args.image_size}px, {rows} rows of {source}, batch {args.batch_size}"
+    ours_text, base_text = f"{ours:.0f} img/s", f"bare loop {baseline:.0f} img/s"
+    append_row("bench_embed.py", setup, ours_text, base_text, f"{ratio:.2f}")
     ray.shutdown()
     shutil.rmtree(work, ignore_errors=True)
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_pretrain.py [--model resnet18] [--steps 30] [--batch-size 64] \
         [--strategy ddp|fsdp] [--workers 2]
+    python benchmarks/bench_pretrain.py --gpu --model resnet50 --image-size 128 --batch-size 256   # a GPU
 
 Same model, objective (SimCLR), global batch and data (real CIFAR-10 from ../shared when
 present, else digits), measured in the same run:
@@ -9,13 +10,15 @@ present, else digits), measured in the same run:
   Data tasks; images/s of the second half of the run (steady state: the first report
   window includes worker start-up and the pipeline's first blocks).
 - baseline: one process with N threads, decoding + augmenting each batch in the loop.
-Prints both and the ratio, and appends a row to benchmarks/RESULTS.md.
+With --gpu: one worker on the GPU (bf16 autocast) against the same loop on the GPU with
+all CPU threads. Prints both and the ratio, and appends a row to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -25,8 +28,8 @@ import pyarrow.parquet as pq
 from common import CIFAR10, append_row  # benchmarks/common.py (scripts run by path)
 
 
-def bare_loop_images_per_s(cfg, data: str, steps: int, threads: int) -> float:
-    """The baseline: no Ray, no DDP; the global batch in one process."""
+def bare_loop_images_per_s(cfg, data: str, steps: int, threads: int, device: str = "cpu") -> float:
+    """The baseline: no Ray, no DDP; the global batch in one process (bf16 autocast on a GPU)."""
     import torch
 
     from system.data import read_classes
@@ -36,7 +39,7 @@ def bare_loop_images_per_s(cfg, data: str, steps: int, threads: int) -> float:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    module = build_model(cfg, "pretrain", len(read_classes(data)))
+    module = build_model(cfg, "pretrain", len(read_classes(data))).to(device)
     train_mode(module)
     optimizer = build_optimizer(module, cfg.train)
     pre = preprocessing_config(module.backbone, cfg.data.image_size)
@@ -48,7 +51,8 @@ def bare_loop_images_per_s(cfg, data: str, steps: int, threads: int) -> float:
         if i == 3:  # the first steps warm up allocators and caches
             start = time.perf_counter()
         views = preprocess_batch({"image": images[i * batch : (i + 1) * batch]}, pre, "ssl")
-        loss, _ = module({k: torch.from_numpy(v) for k, v in views.items()})
+        with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+            loss, _ = module({k: torch.from_numpy(v).to(device) for k, v in views.items()})
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -70,6 +74,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="per worker")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--gpu", action="store_true", help="1 worker on the GPU vs the loop on the GPU")
     args = parser.parse_args()
 
     from system.config import build_config
@@ -79,19 +85,27 @@ def main() -> None:
     train = CIFAR10 / "train.parquet"
     data = str(train) if train.is_file() else digits_dataset(str(work / "digits"))[0]
     steps = 2 * (args.steps // 2)
+    workers = 1 if args.gpu else args.workers
+    threads = os.cpu_count() if args.gpu else workers
+    device = "cuda" if args.gpu else "cpu"
     cfg = build_config(
         {
-            "data": {"train": data, "image_size": 32, "limit": args.batch_size * args.workers * (steps + 2)},
+            "data": {
+                "train": data,
+                "image_size": args.image_size,
+                "limit": args.batch_size * workers * (steps + 2),
+            },
             "model": {"name": args.model},
             "objective": {"name": "simclr"},
             "train": {
-                "workers": args.workers,
+                "workers": workers,
+                "use_gpu": args.gpu,
                 "batch_size": args.batch_size,
                 "max_steps": steps,
                 "strategy": args.strategy,
                 "checkpoint_every": steps // 2,  # two report windows: start-up, then steady state
                 "log_every": 5,
-                "cpus_per_worker": 0.5,  # 1 thread each; leaves CPU for the Ray Data tasks
+                "cpus_per_worker": 1 if args.gpu else 0.5,  # 1 thread each; leaves CPU for Ray Data
             },
             "run": {"storage": str(work / "runs"), "name": "bench"},
         }
@@ -99,17 +113,22 @@ def main() -> None:
     data_file = data if data.endswith(".parquet") else str(next(Path(data).glob("*.parquet")))
     # The baseline before and after the Ray run, so load from other users of the machine
     # shows up as a spread instead of a bias.
-    before = bare_loop_images_per_s(cfg, data_file, steps // 2, threads=args.workers)
+    before = bare_loop_images_per_s(cfg, data_file, steps // 2, threads, device)
     ours = repforge_images_per_s(cfg, steps)
-    after = bare_loop_images_per_s(cfg, data_file, steps // 2, threads=args.workers)
+    after = bare_loop_images_per_s(cfg, data_file, steps // 2, threads, device)
     baseline = statistics.median([before, after])
     ratio = ours / baseline
     setup = (
-        f"pretrain simclr {args.model} 32px, {args.strategy}, {args.workers} workers x 1 thread, "
-        f"global batch {args.batch_size * args.workers}, {steps} steps, steady-state half"
+        f"pretrain simclr {args.model} {args.image_size}px, {args.strategy}, "
+        + (
+            f"1 GPU worker, bf16, bare loop on the GPU with {threads} threads"
+            if args.gpu
+            else f"{workers} workers x 1 thread"
+        )
+        + f", global batch {args.batch_size * workers}, {steps} steps, steady-state half"
     )
     print(
-        f"{setup}\nrepforge {ours:.1f} img/s, bare loop ({args.workers} threads) {baseline:.1f} img/s, "
+        f"{setup}\nrepforge {ours:.1f} img/s, bare loop ({threads} threads) {baseline:.1f} img/s, "
         f"ratio {ratio:.2f}"
     )
     baseline_text = f"{baseline:.1f} img/s bare loop (before {before:.1f}, after {after:.1f})"

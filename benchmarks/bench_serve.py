@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmarks/bench_serve.py [--model test_resnet] [--requests 600] [--repeats 3]
     .venv/bin/python benchmarks/bench_serve.py --model resnet18 --image-size 224 --requests 200
+    python benchmarks/bench_serve.py --model resnet50 --image-size 224 --jpeg-size 320 \
+        --images-per-request 16 --replica-cpus 12 --batch-size 256 --requests 200   # a GPU machine
 
 Measured in one run, on loopback, with a bounded asyncio httpx load generator (a fixed
 request count, `--concurrency` in flight):
-- /v1/embed images/s at saturation (1 image per request, dynamic batching up to
-  --batch-size) vs a bare in-process loop (decode + preprocess + forward) at the same
-  batch size; and the same app with max_batch_size=1, for the gain of dynamic batching.
+- /v1/embed images/s at saturation (--images-per-request per request, dynamic batching up
+  to --batch-size) vs a bare in-process loop (decode on all CPU threads + preprocess +
+  forward; on the GPU at bf16 when there is one) at the same batch size; and the same app
+  with max_batch_size=1, for the gain of dynamic batching.
 - /v1/search by vector (k=10, one request at a time) p50/p99 vs VectorIndex.search in
   process; the difference of the p50s is the serving overhead in ms.
 Medians of --repeats; rows are appended to benchmarks/RESULTS.md with the machine.
@@ -26,7 +29,8 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from common import machine  # benchmarks/common.py (scripts run by path)
+from bench_decode import photo_like_jpegs  # benchmarks/ (scripts run by path)
+from common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +74,9 @@ def main() -> None:
     parser.add_argument("--search-requests", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--images-per-request", type=int, default=1)
+    parser.add_argument("--replica-cpus", type=float, default=1.0, help="embedder replica's threads")
+    parser.add_argument("--jpeg-size", type=int, default=0, help="photo-like JPEGs, not digits")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -82,47 +89,61 @@ def main() -> None:
     from system.data import digits_dataset
     from system.embed import embed_images, embeddings_metadata, embeddings_table
     from system.index import build_index, open_index
-    from system.models import Embedder, create_backbone, save_model
+    from system.models import Embedder, create_backbone, load_artifact, save_model
     from system.transforms import eval_transform, images_to_tensor, preprocessing_config
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     table = pq.read_table(storage.parquet_files(digits_dataset(str(work / "digits"))[0]))
     ids, images = table.column("id").to_pylist(), table.column("image").to_pylist()
+    if args.jpeg_size:
+        images = photo_like_jpegs(len(ids), args.jpeg_size)
     backbone = create_backbone(args.model, {})
     meta = {
         "timm_name": args.model,
         "timm_kwargs": {},
         "preprocessing": preprocessing_config(backbone, args.image_size),
     }
-    model = Embedder(backbone).eval()
-    meta = save_model(str(work / "model"), model, meta)
-    with torch.inference_mode():
-        vectors = embed_images(model, meta["preprocessing"], images)
+    meta = save_model(str(work / "model"), Embedder(backbone).eval(), meta)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = load_artifact(str(work / "model"), device)  # as a replica loads it
+    pre = meta["preprocessing"]
+    chunks = [images[i : i + 256] for i in range(0, len(images), 256)]
+    vectors = np.concatenate([embed_images(model, pre, chunk, device) for chunk in chunks])
     (work / "emb").mkdir()
     pq.write_table(embeddings_table(ids, vectors, {}, embeddings_metadata(meta)), work / "emb" / "p.parquet")
     build_index(str(work / "emb"), str(work / "index"), progress=False)
 
     # Baseline 1: decode + preprocess + forward in this process, batch by batch.
     transform = eval_transform(meta["preprocessing"])
-    torch.set_num_threads(os.cpu_count())
-    sample = [images[i % len(images)] for i in range(args.requests)]
+    threads = os.cpu_count()
+    torch.set_num_threads(threads)
+    per_request = args.images_per_request
+    sample = [images[i % len(images)] for i in range(args.requests * per_request)]
 
     def bare() -> float:
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
             for i in range(0, len(sample), args.batch_size):
-                model.embed(torch.from_numpy(images_to_tensor(sample[i : i + args.batch_size], transform)))
+                batch = images_to_tensor(sample[i : i + args.batch_size], transform, threads)
+                model.embed(torch.from_numpy(batch).to(device)).float().cpu()
         return len(sample) / (time.perf_counter() - start)
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
-    bodies = [{"images": [base64.b64encode(d).decode()]} for d in sample]
-    app = {"model": str(work / "model"), "index": str(work / "index"), "max_queued_requests": -1}
+    encoded = [base64.b64encode(d).decode() for d in sample]
+    bodies = [{"images": encoded[i : i + per_request]} for i in range(0, len(encoded), per_request)]
+    app = {
+        "model": str(work / "model"),
+        "index": str(work / "index"),
+        "max_queued_requests": -1,
+        "max_images": max(64, per_request),
+        "replica_cpus": args.replica_cpus,
+    }
     results = {}
     for batch in (args.batch_size, 1):
         url = start_app({**app, "max_batch_size": batch, "batch_wait_timeout_s": 0.005}, port=8123)
         asyncio.run(load(url, "/v1/embed", bodies[:64], args.concurrency))  # warm-up
         results[batch] = statistics.median(
-            len(bodies) / asyncio.run(load(url, "/v1/embed", bodies, args.concurrency))[0]
+            len(sample) / asyncio.run(load(url, "/v1/embed", bodies, args.concurrency))[0]
             for _ in range(args.repeats)
         )
         if batch == args.batch_size:
@@ -147,10 +168,12 @@ def main() -> None:
     p50, p99 = np.percentile(lat, 50) * 1e3, np.percentile(lat, 99) * 1e3
     l50, l99 = np.percentile(local, 50) * 1e3, np.percentile(local, 99) * 1e3
 
+    source = f" from {args.jpeg_size}px JPEG" if args.jpeg_size else ""
     rows = [
         (
-            f"/v1/embed {args.model} {args.image_size}px, 1 img/req, {args.concurrency} in flight, "
-            f"batch {args.batch_size}",
+            f"/v1/embed {args.model} {args.image_size}px{source}, {per_request} img/req, "
+            f"{args.concurrency} in flight, batch {args.batch_size}, replica {args.replica_cpus:g} CPUs"
+            f"{', bf16' if device == 'cuda' else ''}",
             f"{results[args.batch_size]:.0f} img/s",
             f"{bare_rate:.0f} img/s in-process batch {args.batch_size}",
             f"{results[args.batch_size] / bare_rate:.2f}",
