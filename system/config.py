@@ -139,6 +139,13 @@ class TrainConfig(Section):
     batch_size: int = Field(64, ge=1, description="batch size per worker")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     epochs: int | None = Field(None, ge=1, description="passes over the training data")
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="time budget: after the first steps the workers time their steps and end the run "
+        "(at most max_steps/epochs) at the step that fits in this many minutes; the cosine schedule "
+        "decays to zero there",
+    )
     lr: float = Field(1e-3, gt=0, le=10, description="peak learning rate")
     optimizer: Literal["adamw", "sgd", "lars"] = Field("adamw", description="optimizer: adamw | sgd | lars")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum (sgd, lars)")

@@ -37,8 +37,9 @@ def build_optimizer(module: nn.Module, train_cfg, head_scale: float = 1.0) -> to
     return Lars(groups, lr=train_cfg.lr, momentum=train_cfg.momentum)
 
 
-def cosine_with_warmup(optimizer, warmup: int, total: int):
-    """Linear warmup for `warmup` steps, then cosine decay to zero at `total`."""
+def cosine_with_warmup(optimizer, warmup: int, total: int, step: int = 0):
+    """Linear warmup for `warmup` steps, then cosine decay to zero at `total`; from `step` on
+    (a schedule swapped in mid-run), setting the optimizer's lr for that step."""
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -46,4 +47,5 @@ def cosine_with_warmup(optimizer, warmup: int, total: int):
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    # LambdaLR steps once on creation, hence step - 1.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)

@@ -160,6 +160,27 @@ def fault_injected(config: dict, step: int, rank: int, world: int, resumed: bool
     return False
 
 
+# Steps timed before a time budget sets the run's length; the first few are left out of the
+# timing (the data pipeline starts, allocators warm up).
+BUDGET_SKIP_STEPS, BUDGET_PROBE_STEPS = 3, 15
+
+
+def steps_in_budget(minutes: float, start: float, probe_start: float, step: int, total: int, device) -> int:
+    """The step at which a run with `minutes` of budget ends, agreed by all workers.
+
+    Each worker extrapolates its step time since `probe_start` (step BUDGET_SKIP_STEPS) over
+    what is left of the budget since `start`; the workers take the smallest answer (the
+    slowest worker), so every rank stops and schedules its lr alike.
+    """
+    now = time.perf_counter()
+    per_step = (now - probe_start) / (step - BUDGET_SKIP_STEPS)
+    fits = step + max(0, int((minutes * 60 - (now - start)) / per_step))
+    answer = torch.tensor([min(total, fits)], device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(answer, op=torch.distributed.ReduceOp.MIN)
+    return int(answer.item())
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     cfg = JobConfig.model_validate(config["cfg"])
@@ -182,6 +203,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = build_optimizer(plain, cfg.train, head_scale)
     total_steps = config["total_steps"]
     scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_steps, total_steps)
+    budget_start = probe_start = time.perf_counter()
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "world": world}
     # This run's own checkpoint: a restart after a worker failure, or a resumed run (maybe on
     # another world size). Failing that, one the caller handed over (a sweep trial that PBT
@@ -197,13 +219,14 @@ def train_loop_per_worker(config: dict) -> None:
         if handed_over:
             # Weights, optimizer moments and position come from the checkpoint, but its lr,
             # weight decay, warmup... were another config's (PBT has just mutated them): this
-            # config's values, and its schedule from the checkpoint's step (LambdaLR steps once
-            # on creation, hence step - 1).
+            # config's values, and its schedule from the checkpoint's step.
             for group, values in zip(optimizer.param_groups, hyperparameters):
                 group.update(values)
-            lambdas, step = scheduler.lr_lambdas, progress["step"]
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas, last_epoch=step - 1)
+            scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_steps, total_steps, progress["step"])
         else:
+            if "total_steps" in progress:  # a time budget fixed the run's length: keep it
+                total_steps = progress["total_steps"]
+                scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_steps, total_steps)
             scheduler.load_state_dict(progress["scheduler"])
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -246,6 +269,19 @@ def train_loop_per_worker(config: dict) -> None:
             window.steps += 1
             if fault_injected(config, step, rank, world, checkpoint is not None):
                 os._exit(1)  # a hard crash: no cleanup, no report
+            budgeted = cfg.train.max_minutes and "total_steps" not in progress
+            if budgeted and step == BUDGET_SKIP_STEPS:
+                probe_start = time.perf_counter()
+            if budgeted and step == BUDGET_PROBE_STEPS < total_steps:
+                total_steps = steps_in_budget(
+                    cfg.train.max_minutes, budget_start, probe_start, step, total_steps, device
+                )
+                progress["total_steps"] = total_steps
+                # The schedule decays to zero at the new end.
+                scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_steps, total_steps, step)
+                if rank == 0:
+                    budget = f"{cfg.train.max_minutes:g} min budget: {total_steps} steps"
+                    print(f"[{job}] {budget}", flush=True, file=sys.__stdout__)
             last = step >= total_steps
             should_eval = last or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
             should_save = last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
@@ -274,6 +310,7 @@ def train_loop_per_worker(config: dict) -> None:
                     metrics.update(evaluate(plain, batches, job, bf16=device.type == "cuda"))
                 confusion = metrics.pop("confusion", None)  # not a scalar: goes to model.json
                 progress = {
+                    **({"total_steps": total_steps} if "total_steps" in progress else {}),
                     "step": step,
                     "epoch": epoch,
                     "batch_in_epoch": batch_in_epoch,
@@ -441,6 +478,9 @@ def train_storage(storage_root: str) -> str:
     return storage.join(storage.normalize(storage_root), "_ray")
 
 
+MIN_BLOCK_ROWS = 512
+
+
 def input_datasets(cfg: JobConfig, job: str, pre: dict) -> dict:
     """The Ray Data pipelines of a run: decoding and augmentation as tasks beside the workers.
 
@@ -461,9 +501,15 @@ def input_datasets(cfg: JobConfig, job: str, pre: dict) -> dict:
     # Small batches: a worker's first step waits for one batch, not for a 1,024-image block.
     batch = cfg.train.batch_size
     options = {"pre": pre, "mode": mode, "hflip": cfg.data.hflip, "seed": seed}
+    # Blocks of at most `rows` (streaming): a Parquet file is read as one block, and the tasks
+    # that decode and augment work block by block, so without this one task does a whole
+    # file's work while the other CPUs and the workers wait (a GPU worker went from 143 to
+    # 3,277 img/s, benchmarks/RESULTS.md). Not smaller: each block costs a task.
+    rows = max(batch, MIN_BLOCK_ROWS)
+    train = train.repartition(target_num_rows_per_block=rows)
     datasets = {"train": train.map_batches(preprocess_batch, batch_size=batch, fn_kwargs=options)}
     if cfg.data.val:
-        val = read_dataset(cfg.data.val)
+        val = read_dataset(cfg.data.val).repartition(target_num_rows_per_block=rows)
         datasets["val"] = val.map_batches(
             preprocess_batch, batch_size=batch, fn_kwargs={"pre": pre, "mode": "eval"}
         )

@@ -1,4 +1,5 @@
-"""FSDP2 training under Ray Train, end to end: a worker killed mid-run.
+"""Training under Ray Train, end to end: an FSDP2 run with a worker killed mid-run, and a
+run whose length a time budget sets.
 
 Real Ray Train (2 gloo workers on the session's local Ray), real timm model, real
 digits. The fault-injection hook (REPFORGE_FAIL_AT_STEP, read by the driver) makes the
@@ -18,7 +19,7 @@ import pytest
 
 from system import storage
 from system.config import build_config
-from system.train import run_training
+from system.train import BUDGET_PROBE_STEPS, run_training
 
 pytestmark = pytest.mark.slow
 
@@ -75,3 +76,29 @@ def test_fsdp_run_survives_a_killed_worker(ray_local, digits_data, tmp_path, mon
     assert out[0].split()[:3] == ["step", "epoch", "loss"] and len(out) == 1 + 3 + 1
     assert (tmp_path / "fsdp" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out[-1].endswith("fsdp/curves.png")
+
+
+def test_time_budget_sets_the_run_length(ray_local, digits_data, tmp_path):
+    """train.max_minutes: the workers time their first steps, agree on where the budget ends
+    and stop there (far before max_steps), with the cosine schedule decayed to zero there."""
+    train, _ = digits_data
+    tree = {
+        "data": {"train": train, "image_size": 32},
+        "model": {"name": "test_resnet"},
+        "objective": {"name": "supervised"},
+        "train": {
+            "workers": 2,
+            "batch_size": 16,
+            "max_steps": 1000,  # about 2 minutes here; the budget is 12 seconds
+            "max_minutes": 0.2,
+            "cpus_per_worker": 0.5,
+            "log_every": 5,
+        },
+        "run": {"storage": str(tmp_path), "name": "budget"},
+    }
+    run_training(build_config(tree), "pretrain")
+    last = read_metrics(tmp_path, "budget")[-1]
+    assert BUDGET_PROBE_STEPS <= last["step"] < 1000, last
+    assert last["lr"] == pytest.approx(0.0, abs=1e-12)  # decayed at the budget's end, not at 1000
+    meta = json.loads((tmp_path / "budget" / "model" / "model.json").read_text())
+    assert meta["metrics"]["step"] == last["step"]
