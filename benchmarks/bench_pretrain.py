@@ -10,8 +10,9 @@ present, else digits), measured in the same run:
   Data tasks; images/s of the second half of the run (steady state: the first report
   window includes worker start-up and the pipeline's first blocks).
 - baseline: one process with N threads, decoding + augmenting each batch in the loop.
-With --gpu: one worker on the GPU (bf16 autocast) against the same loop on the GPU with
-all CPU threads. Prints both and the ratio, and appends a row to benchmarks/RESULTS.md.
+With --gpu: one worker on the GPU (bf16 autocast) against the same loop on the GPU (its
+augmentation runs in the loop's process, one image at a time, as a plain PyTorch script's
+would without a DataLoader). Prints both and the ratio, and appends a row to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def main() -> None:
     setup = (
         f"pretrain simclr {args.model} {args.image_size}px, {args.strategy}, "
         + (
-            f"1 GPU worker, bf16, bare loop on the GPU with {threads} threads"
+            f"1 GPU worker, bf16, bare loop on the GPU (torch threads {threads}, augmenting in-loop)"
             if args.gpu
             else f"{workers} workers x 1 thread"
         )

@@ -108,6 +108,19 @@ class EmbedActor:
         return embeddings_table(batch.column("id").to_pylist(), vectors, passthrough, self.metadata)
 
 
+def gpu_node_cpus_per_gpu() -> int:
+    """CPUs per GPU on the scarcest GPU node: an actor sized by it fits on every GPU node
+    (the cluster's totals would count a CPU-only head's CPUs too)."""
+    import ray
+
+    shares = [
+        int(node["Resources"].get("CPU", 0) // node["Resources"]["GPU"])
+        for node in ray.nodes()
+        if node["Alive"] and node["Resources"].get("GPU", 0) > 0
+    ]
+    return min(shares, default=1)
+
+
 def _partial_dir(out_uri: str) -> Path:
     """A fixed place per output, so a re-run finds what the crashed run wrote."""
     if storage.is_remote(out_uri):
@@ -186,17 +199,16 @@ def run_embed(
         if not ray.is_initialized():
             ray.init()
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        cpus = int(ray.cluster_resources().get("CPU", 1))
         if gpus:
             # Two actors share each GPU, so one decodes while the other runs the model, and
-            # each reserves half of the GPU's share of CPUs (one left for reading): decoding
-            # runs on that many threads. With 1 CPU per actor, a GPU that embeds 12,700
-            # img/s waits on a 200 img/s JPEG decoder (benchmarks/bench_gpu.py).
-            actor_gpus, actor_cpus = 0.5, max(1, (cpus // gpus - 1) // 2)
+            # each reserves half of its GPU node's CPUs per GPU (one left for reading):
+            # decoding runs on that many threads. With 1 CPU per actor, a GPU that embeds
+            # 12,700 img/s waits on a 200 img/s JPEG decoder (benchmarks/bench_gpu.py).
+            actor_gpus, actor_cpus = 0.5, max(1, (gpu_node_cpus_per_gpu() - 1) // 2)
             concurrency = concurrency or 2 * gpus
         else:
             actor_gpus, actor_cpus = 0, 1
-            concurrency = concurrency or max(1, cpus - 1)
+            concurrency = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
         ds = ray.data.read_parquet([files[i] for i in pending], include_paths=True)
         # One block per batch (streaming), so a pool of actors shares even a one-file dataset;
         # otherwise each file is one block and one actor embeds it while the others wait.
