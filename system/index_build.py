@@ -377,7 +377,7 @@ def _ray_map(function, calls: list[tuple]) -> list:
         raise
 
 
-def _partition(
+def run_partition(
     files: list[str],
     count: int,
     sample_size: int,
@@ -484,7 +484,9 @@ def build_index(
             rows_read = count
         else:
             size = train_sample_size(empty, count)
-            staged, sample, rows_read = _partition(files, count, size, shards, str(staging), schema, progress)
+            staged, sample, rows_read = run_partition(
+                files, count, size, shards, str(staging), schema, progress
+            )
             inputs = (staged, None)
         train_index(empty, sample, factory)
         queries = held_out_queries(sample, TUNE_QUERIES, normalized)

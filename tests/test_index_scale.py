@@ -132,7 +132,7 @@ def test_sharded_build_reads_embeddings_once(digits, sharded, tmp_path):
     files, counts, schema, _ = index_build.scan(emb)
     expected_sample = index_build.read_sample(files, counts, 500)
     (tmp_path / "staging").mkdir()
-    staged, sample, rows = index_build._partition(
+    staged, sample, rows = index_build.run_partition(
         files, len(ids), 500, 2, str(tmp_path / "staging"), schema, False
     )
     assert rows == len(ids) and len(staged) == 2 and all(len(f) == 2 for f in staged)  # 2 readers of 3 files
