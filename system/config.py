@@ -142,9 +142,9 @@ class TrainConfig(Section):
     max_minutes: float | None = Field(
         None,
         gt=0,
-        description="time budget: after the first steps the workers time their steps and end the run "
-        "(at most max_steps/epochs) at the step that fits in this many minutes; the cosine schedule "
-        "decays to zero there",
+        description="time budget: the workers time their steps (at step 15 and a tenth of the way "
+        "through) and end the run (at most max_steps/epochs) at the step that fits in this many "
+        "minutes; the cosine schedule decays to zero there",
     )
     lr: float = Field(1e-3, gt=0, le=10, description="peak learning rate")
     optimizer: Literal["adamw", "sgd", "lars"] = Field("adamw", description="optimizer: adamw | sgd | lars")
