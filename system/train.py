@@ -521,7 +521,8 @@ def input_datasets(cfg: JobConfig, job: str, pre: dict) -> dict:
     # Blocks of at most `rows` (streaming): a Parquet file is read as one block, and the tasks
     # that decode and augment work block by block, so without this one task does a whole
     # file's work while the other CPUs and the workers wait (a GPU worker went from 143 to
-    # 3,277 img/s, benchmarks/RESULTS.md). Not smaller: each block costs a task.
+    # 3,277 img/s with 256-row blocks, benchmarks/RESULTS.md). Not much smaller: each block
+    # costs a task, and 32-row blocks slowed the 2-CPU quickstart.
     rows = max(batch, MIN_BLOCK_ROWS)
     train = train.repartition(target_num_rows_per_block=rows)
     datasets = {"train": train.map_batches(preprocess_batch, batch_size=batch, fn_kwargs=options)}
