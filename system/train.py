@@ -258,8 +258,8 @@ def train_loop_per_worker(config: dict) -> None:
     skip = progress["batch_in_epoch"] * progress["world"] // world
     window, micro = Window(), 0
     # Not when a budget has already set the length (a restart or a resumed run).
-    budget = TimeBudget(cfg.train.max_minutes, total_steps) if cfg.train.max_minutes else None
-    budget = None if "total_steps" in progress else budget
+    timed = cfg.train.max_minutes and "total_steps" not in progress
+    budget = TimeBudget(cfg.train.max_minutes, total_steps) if timed else None
     while step < total_steps:
         batch_in_epoch = 0
         for batch in train_shard.iter_torch_batches(
