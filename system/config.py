@@ -54,6 +54,12 @@ class DataConfig(Section):
         description="training order: global (Ray Data random_shuffle, new order every epoch), "
         "local (a 10-batch buffer per worker: cheap, for pre-shuffled data) or none",
     )
+    cache_mb: float = Field(
+        1024,
+        ge=0,
+        description="datasets whose Parquet files are smaller than this (and than a quarter of Ray's "
+        "object store) are read once and kept in the object store for every epoch; 0 = read every epoch",
+    )
     hflip: bool = Field(
         True,
         description="random horizontal flips in the SSL views; false for digits, text and other "
@@ -104,6 +110,11 @@ class FinetuneConfig(Section):
     energy: float | None = Field(
         0.99, gt=0, le=1, description="svfit: keep the fewest singular values holding this energy share"
     )
+    train_norms: bool = Field(
+        False,
+        description="svfit: also train the normalisation layers' affine weights (as `norm` does; a few "
+        "thousand parameters more)",
+    )
     rank_scale: float = Field(
         1.0, gt=0, le=64, description="global rank budget: multiplies every rank (rank, rank_pattern, svfit)"
     )
@@ -131,6 +142,15 @@ class FinetuneConfig(Section):
         method = info.data.get("method")
         if value and method is not None and method != "linear":
             raise ValueError(f"needs finetune.method linear, not {method}")
+        return value
+
+    @field_validator("train_norms")
+    @classmethod
+    def _train_norms_is_svfit(cls, value, info):
+        # `norm` trains the norms alone, `full` already trains them; peft methods would not save them.
+        method = info.data.get("method")
+        if value and method is not None and method != "svfit":
+            raise ValueError(f"needs finetune.method svfit, not {method}")
         return value
 
 

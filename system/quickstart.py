@@ -19,8 +19,18 @@ from system.config import load_config
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
+_STAGE_STARTS: list[tuple[str, float]] = []
+
+
 def _stage(name: str) -> None:
+    """Prints a stage header and notes when it started (the summary lists each stage's seconds)."""
+    _STAGE_STARTS.append((name.split(":")[0], time.perf_counter()))
     print(f"\n=== {name} ===", flush=True)
+
+
+def _stage_seconds(end: float) -> list[tuple[str, str]]:
+    ends = [start for _, start in _STAGE_STARTS[1:]] + [end]
+    return [(f"time {name}", f"{stop - start:.0f} s") for (name, start), stop in zip(_STAGE_STARTS, ends)]
 
 
 def _request(client, method: str, path: str, **kwargs) -> tuple[dict, float]:
@@ -73,6 +83,7 @@ def run_quickstart(
     from tune.sweep import run_sweep
 
     started = time.perf_counter()
+    _STAGE_STARTS.clear()
     root = storage.normalize(storage_root)
     base = storage.join(root, "quickstart")
     common = [f"run.storage={root}", *overrides]
@@ -133,6 +144,7 @@ def run_quickstart(
         ("index queries/s (batch 1)", f"{evaluation['qps_batch1']:,.0f}"),
         *[(f"latency {name}", f"{ms:.1f} ms") for name, ms in latencies.items()],
         ("sweep leaderboard", storage.join(sweep_uri, "leaderboard.csv")),
+        *_stage_seconds(time.perf_counter()),
         ("total time", f"{time.perf_counter() - started:.0f} s"),
     ]
     print_summary(rows)

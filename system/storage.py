@@ -50,27 +50,38 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def parquet_files(uri: str) -> list[str]:
-    """The Parquet files of a dataset URI (a file, or a folder searched recursively), sorted."""
+def _parquet_file_infos(uri: str) -> list[pafs.FileInfo]:
     fs, path = filesystem(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"no such dataset: {uri}")
     if info.type == pafs.FileType.File:
-        files = [path]
-    else:
-        selector = pafs.FileSelector(path, recursive=True)
-        files = sorted(
-            f.path
+        return [info]
+    selector = pafs.FileSelector(path, recursive=True)
+    return sorted(
+        (
+            f
             for f in fs.get_file_info(selector)
             if f.type == pafs.FileType.File and f.path.endswith(".parquet") and "/_" not in f.path
-        )
+        ),
+        key=lambda f: f.path,
+    )
+
+
+def parquet_files(uri: str) -> list[str]:
+    """The Parquet files of a dataset URI (a file, or a folder searched recursively), sorted."""
+    files = [f.path for f in _parquet_file_infos(uri)]
     if not files:
         raise StorageError(f"no Parquet files in {uri}")
     if is_remote(uri):
         scheme = uri.split("://", 1)[0]
         files = [f"{scheme}://{f}" for f in files]
     return files
+
+
+def parquet_bytes(uri: str) -> int:
+    """Total size on storage of a dataset URI's Parquet files."""
+    return sum(f.size for f in _parquet_file_infos(uri))
 
 
 @contextlib.contextmanager

@@ -498,6 +498,21 @@ def train_storage(storage_root: str) -> str:
 MIN_BLOCK_ROWS = 512
 
 
+def cached_input(uri: str, limit: int | None, cache_mb: float):
+    """The encoded rows of a dataset: held in Ray's object store when they are small.
+
+    Each epoch runs the Ray Data pipeline again, and on a 2-CPU machine reading the Parquet
+    files again cost 1.2-2 s per epoch, while one pass over the same rows (1,438 digits) held
+    in the object store took 0.13 s, shuffle and map included. Decoding and augmentation
+    still run every epoch, after the cache: each epoch sees new augmentations.
+    """
+    ds = read_dataset(uri, limit)
+    store_bytes = ray.cluster_resources().get("object_store_memory", 0)
+    if storage.parquet_bytes(uri) <= min(cache_mb * 2**20, store_bytes / 4):
+        ds = ds.materialize()
+    return ds
+
+
 def input_datasets(cfg: JobConfig, job: str, pre: dict) -> dict:
     """The Ray Data pipelines of a run: decoding and augmentation as tasks beside the workers.
 
@@ -507,7 +522,7 @@ def input_datasets(cfg: JobConfig, job: str, pre: dict) -> dict:
     mode = "ssl" if job == "pretrain" and get_objective(cfg.objective.name).views == 2 else "eval"
     # Their progress bars would interleave with the workers' progress lines: off.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    train = read_dataset(cfg.data.train, cfg.data.limit)
+    train = cached_input(cfg.data.train, cfg.data.limit, cfg.data.cache_mb)
     seed = None
     if cfg.data.shuffle == "global":  # datasets are often sorted by class (CIFAR-10's files are)
         # Shuffles the encoded rows, before decoding; reseeded after each epoch.
@@ -527,7 +542,7 @@ def input_datasets(cfg: JobConfig, job: str, pre: dict) -> dict:
     train = train.repartition(target_num_rows_per_block=rows)
     datasets = {"train": train.map_batches(preprocess_batch, batch_size=batch, fn_kwargs=options)}
     if cfg.data.val:
-        val = read_dataset(cfg.data.val).repartition(target_num_rows_per_block=rows)
+        val = cached_input(cfg.data.val, None, cfg.data.cache_mb).repartition(target_num_rows_per_block=rows)
         datasets["val"] = val.map_batches(
             preprocess_batch, batch_size=batch, fn_kwargs={"pre": pre, "mode": "eval"}
         )
