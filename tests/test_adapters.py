@@ -63,6 +63,10 @@ def fan_in(module: nn.Module) -> int:
     return module.weight[0].numel()  # in_features, or in_channels x kh x kw
 
 
+def norm_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for m in model.modules() if isinstance(m, NORMS) for p in m.parameters())
+
+
 def expected_trainable(method: str, model: nn.Module, cfg: FinetuneConfig) -> int:
     total = sum(p.numel() for p in model.parameters())
     lora = lambda mods: sum(  # noqa: E731  r·(fan_in + out): A is r x fan_in, B is out x r
@@ -73,7 +77,7 @@ def expected_trainable(method: str, model: nn.Module, cfg: FinetuneConfig) -> in
     if method == "linear":
         return 0
     if method == "norm":
-        return sum(p.numel() for m in model.modules() if isinstance(m, NORMS) for p in m.parameters())
+        return norm_parameters(model)
     if method == "lora":
         return lora(targets(model))
     if method == "dora":  # plus one magnitude per output
@@ -87,7 +91,7 @@ def expected_trainable(method: str, model: nn.Module, cfg: FinetuneConfig) -> in
                 module.weight.detach().reshape(module.weight.shape[0], -1).double().numpy(), compute_uv=False
             )
             count += int(np.argmax(np.cumsum(s**2) / np.sum(s**2) >= cfg.energy - 1e-12)) + 1
-        return count
+        return count + (norm_parameters(model) if cfg.train_norms else 0)
     raise AssertionError(f"no formula for {method}: add one with the new method")
 
 
@@ -100,7 +104,8 @@ def cases():
         for method in METHODS:
             if (model, method) == ("resnet", "pissa"):
                 continue  # peft's PiSSA needs 2-D weights: refused, see test_pissa_refuses_convs
-            yield pytest.param(method, model, id=f"{method}-{model}")
+            yield pytest.param(method, model, {}, id=f"{method}-{model}")
+        yield pytest.param("svfit", model, {"train_norms": True}, id=f"svfit+norms-{model}")
 
 
 def train_a_little(model: nn.Module, images: torch.Tensor) -> None:
@@ -119,9 +124,9 @@ def train_a_little(model: nn.Module, images: torch.Tensor) -> None:
     model.eval()
 
 
-@pytest.mark.parametrize("method, model_name", list(cases()))
-def test_adapter_contract(method, model_name, images, tmp_path):
-    cfg = FinetuneConfig(method=method)
+@pytest.mark.parametrize("method, model_name, options", list(cases()))
+def test_adapter_contract(method, model_name, options, images, tmp_path):
+    cfg = FinetuneConfig(method=method, **options)
     base = make(model_name)
     with torch.no_grad():
         reference = base(images)
@@ -145,7 +150,9 @@ def test_adapter_contract(method, model_name, images, tmp_path):
     if adapter.save_adapter is not None:
         adapter.save_adapter(adapted, tmp_path)
         size = adapter_bytes(tmp_path)
-        per_param = 8 if method == "pissa" else 4  # PiSSA saves as a rank-2r LoRA on the original base
+        # PiSSA saves as a rank-2r LoRA on the original base; svfit keeps s₀ beside s, and its
+        # BatchNorms' running statistics when it trains them.
+        per_param = 8 if method in ("pissa", "svfit") else 4
         assert 0 < size < per_param * max(trainable, 1) + 16_384
         loaded = load_adapter(make(model_name), tmp_path).eval()
         with torch.no_grad():

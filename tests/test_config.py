@@ -115,6 +115,7 @@ def test_empty_section_in_yaml_accepts_overrides(tmp_path):
         ("sweep.perturbation_interval=0", "sweep.perturbation_interval", "greater than or equal to 1"),
         ("sweep.scheduler=pb", "sweep.scheduler", "'asha', 'pbt' or 'fifo'"),
         ("finetune.closed_form=true", "finetune.closed_form", "needs finetune.method linear, not lora"),
+        ("finetune.train_norms=true", "finetune.train_norms", "needs finetune.method svfit, not lora"),
         ("finetune.ridge=[]", "finetune.ridge", "at least 1 item"),
         ("finetune.ridge=[0.1, 0]", "finetune.ridge.1", "greater than 0"),
         ("finetune.ridge=abc", "finetune.ridge", "valid list"),

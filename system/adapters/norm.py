@@ -27,32 +27,43 @@ def _identity(backbone):
     return backbone
 
 
-def save_norm(backbone, folder):
+def norm_state(backbone: nn.Module) -> dict:
+    """The normalisation layers' affine weights and running statistics, by parameter name."""
     state = {}
     for name, layer in norm_layers(backbone).items():
-        for key, tensor in layer.state_dict().items():  # affine weights and running statistics
+        for key, tensor in layer.state_dict().items():
             state[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
+    return state
+
+
+def load_norm_state(backbone: nn.Module, state: dict, folder) -> None:
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"norm adapter does not fit this model: unexpected {unexpected[0]} in {folder}")
+
+
+def unfreeze_norms(backbone: nn.Module, option: str) -> None:
+    """Lets the normalisation layers' affine weights train (the `norm` method, svfit's train_norms)."""
+    layers = norm_layers(backbone)
+    if not any(p.numel() for layer in layers.values() for p in layer.parameters()):
+        raise ValueError(f"{option} needs normalisation layers with affine weights; this model has none")
+    for layer in layers.values():
+        layer.requires_grad_(True)
+
+
+def save_norm(backbone, folder):
+    state = norm_state(backbone)
     save_file(state, str(Path(folder) / ADAPTER_WEIGHTS))
     (Path(folder) / ADAPTER_JSON).write_text(json.dumps({"method": "norm", "tensors": len(state)}))
 
 
 def load_norm(backbone, folder):
-    missing, unexpected = backbone.load_state_dict(
-        load_file(str(Path(folder) / ADAPTER_WEIGHTS)), strict=False
-    )
-    if unexpected:
-        raise ValueError(f"norm adapter does not fit this model: unexpected {unexpected[0]} in {folder}")
+    load_norm_state(backbone, load_file(str(Path(folder) / ADAPTER_WEIGHTS)), folder)
     return backbone
 
 
 @register_adapter("norm", export=_identity, save_adapter=save_norm, load_adapter=load_norm)
 def apply_norm(backbone, cfg):
     backbone.requires_grad_(False)
-    layers = norm_layers(backbone)
-    if not any(p.numel() for layer in layers.values() for p in layer.parameters()):
-        raise ValueError(
-            "finetune.method: norm needs normalisation layers with affine weights; this model has none"
-        )
-    for layer in layers.values():
-        layer.requires_grad_(True)
+    unfreeze_norms(backbone, "finetune.method: norm")
     return backbone

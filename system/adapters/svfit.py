@@ -14,6 +14,12 @@ The adapter is the trained s (and s₀, to check the base on load) in safetensor
 U_r, V_r are recomputed from the base weights on load (a sign flip of a singular pair
 leaves U diag(s - s₀) Vᵀ unchanged).
 
+`finetune.train_norms` also trains the normalisation layers' affine weights, as the `norm`
+method does (a few thousand more parameters). The adapter then carries them too. Why: on
+its own svfit can only rescale directions each weight already has, and in
+benchmarks/RESULTS.md it stayed 1.7-3.4 points behind LoRA r=8; the norms' per-channel
+shifts and scales are the cheapest thing that adds what it lacks.
+
     python -c "import timm; from system.adapters import get_adapter, count_parameters; \
 from system.config import FinetuneConfig; m = get_adapter('svfit').apply(timm.create_model('test_resnet', \
 num_classes=0), FinetuneConfig(method='svfit')); print(count_parameters(m))"
@@ -37,6 +43,9 @@ from system.adapters import (
     scaled,
     target_modules,
 )
+from system.adapters.norm import load_norm_state, norm_layers, norm_state, unfreeze_norms
+
+NORMS_PREFIX = "norms."  # adapter keys of the normalisation layers' state (train_norms)
 
 
 class SingularValues(nn.Module):
@@ -101,20 +110,29 @@ def merge_svfit(backbone):
     return backbone
 
 
+def trains_norms(backbone: nn.Module) -> bool:
+    return any(p.requires_grad for layer in norm_layers(backbone).values() for p in layer.parameters())
+
+
 def save_svfit(backbone, folder):
     adapted = adapted_modules(backbone)
     state = {}
     for name, sv in adapted.items():
         state[f"{name}.s"] = sv.s.detach().cpu().contiguous()
         state[f"{name}.s0"] = sv.s0.detach().cpu().contiguous()
+    norms = trains_norms(backbone)
+    if norms:
+        state.update({NORMS_PREFIX + key: tensor for key, tensor in norm_state(backbone).items()})
     save_file(state, str(Path(folder) / ADAPTER_WEIGHTS))
     ranks = {name: sv.s.numel() for name, sv in adapted.items()}
-    (Path(folder) / ADAPTER_JSON).write_text(json.dumps({"method": "svfit", "ranks": ranks}, indent=1))
+    meta = {"method": "svfit", "ranks": ranks, "train_norms": norms}
+    (Path(folder) / ADAPTER_JSON).write_text(json.dumps(meta, indent=1))
 
 
 def load_svfit(backbone, folder):
     folder = Path(folder)
-    ranks = json.loads((folder / ADAPTER_JSON).read_text())["ranks"]
+    meta = json.loads((folder / ADAPTER_JSON).read_text())
+    ranks = meta["ranks"]
     names = {name for name, _ in backbone.named_modules()}
     if not set(ranks) <= names:
         raise ValueError(f"svfit adapter does not fit this model: no module {sorted(set(ranks) - names)[0]}")
@@ -125,9 +143,15 @@ def load_svfit(backbone, folder):
             raise ValueError(f"svfit adapter was trained on other base weights ({name} differs): {folder}")
         with torch.no_grad():
             sv.s.copy_(state[f"{name}.s"])
+    if meta.get("train_norms"):
+        norms = {key[len(NORMS_PREFIX) :]: t for key, t in state.items() if key.startswith(NORMS_PREFIX)}
+        load_norm_state(backbone, norms, folder)
     return backbone
 
 
 @register_adapter("svfit", export=merge_svfit, save_adapter=save_svfit, load_adapter=load_svfit)
 def apply_svfit(backbone, cfg):
-    return attach(backbone, svfit_ranks(backbone, cfg))
+    backbone = attach(backbone, svfit_ranks(backbone, cfg))
+    if cfg.train_norms:
+        unfreeze_norms(backbone, "finetune.train_norms")
+    return backbone
