@@ -1,6 +1,7 @@
 """ASHA against grid search on the same space: time until a trial within 1 point of the grid's best.
 
     .venv/bin/python benchmarks/bench_sweep.py [--steps 60] [--eval-every 10] [--grace 3] [--seed 0]
+        [--reduction-factor 2]
 
 Both sweeps are `repforge sweep` (tune.sweep.run_sweep) on the real digits data (sklearn's,
 split into train/val), fully fine-tuning test_resnet from random init, over the same
@@ -42,7 +43,7 @@ def sweep_tree(train: str, val: str, storage: str, name: str, scheduler: str, lr
         "run": {"storage": storage, "name": name},
         "sweep": {
             **{"scheduler": scheduler, "search": "grid", "num_samples": 1, "max_concurrent": 1},
-            "grace_period": args.grace,
+            **{"grace_period": args.grace, "reduction_factor": args.reduction_factor},
             **{"metric": "val_acc", "mode": "max", "space": {"train.lr": {"grid": lrs}}},
         },
     }
@@ -65,6 +66,7 @@ def main() -> None:
     # Reports before ASHA may stop a trial. At 1 (10 steps from random init) val_acc is noise:
     # the first run (2026-11-22, RESULTS.md) stopped the grid's best lr at its second report.
     parser.add_argument("--grace", type=int, default=3, help="ASHA grace period, in reports")
+    parser.add_argument("--reduction-factor", type=int, default=2, help="ASHA: 1/rf of trials pass a rung")
     args = parser.parse_args()
 
     import ray
@@ -99,7 +101,8 @@ def main() -> None:
     append_row(
         "bench_sweep.py",
         f"digits, test_resnet full fine-tune, lr grid {len(lrs)} values (order seed {args.seed}), "
-        f"{args.steps} steps, report every {args.eval_every}, ASHA grace {args.grace}, 1 trial at a time; "
+        f"{args.steps} steps, report every {args.eval_every}, "
+        f"ASHA grace {args.grace} rf {args.reduction_factor}, 1 trial at a time; "
         f"target = grid best val_acc {target + 0.01:.3f} - 1 pt",
         f"ASHA: target at {reached['asha']:.0f}s, sweep {asha_total:.0f}s",
         f"grid: target at {reached['fifo']:.0f}s, sweep {grid_total:.0f}s",

@@ -223,6 +223,9 @@ class SweepConfig(Section):
     mode: Literal["max", "min"] = Field("max", description="maximise or minimise the metric")
     max_concurrent: int | None = Field(None, ge=1, description="concurrent trials; none = from cluster CPUs")
     grace_period: int = Field(1, ge=1, description="ASHA: reports before a trial may be stopped")
+    reduction_factor: int = Field(
+        2, ge=2, le=16, description="ASHA: rungs at grace x rf^k reports; 1/rf of the trials pass each rung"
+    )
     perturbation_interval: int = Field(
         2, ge=1, description="PBT: reports between exploits (a weak trial clones a strong one's checkpoint)"
     )

@@ -264,6 +264,12 @@ def read_dataset(uri: str, limit: int | None = None, columns: list[str] | None =
     return ds.limit(limit) if limit else ds
 
 
+def read_table(uri: str, limit: int | None = None) -> pa.Table:
+    """The whole dataset at `uri` as one Arrow table, read in this process (small datasets)."""
+    table = pa.concat_tables(pq.read_table(f) for f in storage.parquet_files(uri))
+    return table.slice(0, limit) if limit else table
+
+
 def count_rows(uri: str, limit: int | None = None) -> int:
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in storage.parquet_files(uri))
     return min(rows, limit) if limit else rows

@@ -358,3 +358,17 @@ def test_training_input_is_reproducible_on_the_seed(ray_local, digits_data):
     assert first[0][0] != first[1][0]  # a new order in the second epoch
     assert sorted(first[0][0]) == sorted(first[1][0])  # of the same rows
     assert first[0][0] != other[0][0] and not np.array_equal(first[0][1], other[0][1])
+
+
+def test_small_training_input_is_held_in_the_object_store(ray_local, digits_data):
+    """Under data.cache_mb the rows are read once into the object store; the same rows as a lazy read."""
+    from ray.data.dataset import MaterializedDataset
+
+    from system.train import cached_input
+
+    cached = cached_input(digits_data[0], 300, cache_mb=1024)
+    lazy = cached_input(digits_data[0], 300, cache_mb=0)
+    assert isinstance(cached, MaterializedDataset)
+    assert not isinstance(lazy, MaterializedDataset)
+    rows = lambda ds: [(r["id"], r["label"], r["image"]) for r in ds.take_all()]  # noqa: E731
+    assert rows(cached) == rows(lazy) and len(rows(cached)) == 300

@@ -150,7 +150,7 @@ def build_scheduler(cfg: JobConfig, reports: int):
             time_attr="training_iteration",
             grace_period=min(sweep.grace_period, reports),
             max_t=reports,
-            reduction_factor=2,
+            reduction_factor=sweep.reduction_factor,
             stop_last_trials=False,  # a finished trial ends on its own, cleanly
         )
     return FIFOScheduler()
