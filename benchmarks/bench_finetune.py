@@ -151,6 +151,7 @@ def main() -> None:
     )
     parser.add_argument("--init", help="reuse a starting artifact this script wrote (skips the pretrain)")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--seed", type=int, default=0, help="fine-tuning seed: head init and data order")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     started = time.perf_counter()
@@ -169,10 +170,10 @@ def main() -> None:
         candidates = [base / 3, base, base * 3] if args.lr_grid > 1 else [base]
         tried = []
         for lr in candidates:
-            torch.manual_seed(0)
+            torch.manual_seed(args.seed)
             cfg = config(args.model, args.model_kwargs, str(artifact), lr, args.steps, finetune)
             module = build_model(cfg, "finetune", 5).to(DEVICE)
-            seconds = fit(module, cfg, "finetune", x_ft, y_ft, args.steps, args.batch)
+            seconds = fit(module, cfg, "finetune", x_ft, y_ft, args.steps, args.batch, args.seed)
             val = top1(module, x_val, y_val) if x_val is not None else 0.0
             tried.append((val, lr, seconds, module))
             if len(candidates) > 1:
@@ -206,7 +207,7 @@ def main() -> None:
         setup = (
             f"{args.model} {json.dumps(args.model_kwargs) if args.model_kwargs else ''}, CIFAR-10 32px, "
             f"supervised pretrain cls 0-4 {args.pretrain_steps} steps, "
-            f"fine-tune cls 5-9 "
+            f"fine-tune cls 5-9 (seed {args.seed}) "
             f"{len(x_ft)} imgs {args.steps} steps x {args.batch}"
             f"{', lr picked from x1/3, 1, 3 on held-out train images' if args.lr_grid > 1 else ''}; "
             f"top-1 / trainable backbone params: {table}"
