@@ -12,7 +12,8 @@ request count, `--concurrency` in flight):
   forward; on the GPU at bf16 when there is one) at the same batch size; and the same app
   with max_batch_size=1, for the gain of dynamic batching.
 - /v1/search by vector (k=10, one request at a time) p50/p99 vs VectorIndex.search in
-  process; the difference of the p50s is the serving overhead in ms.
+  process; the difference of the p50s is the serving overhead in ms. GET /v1/health, which
+  the ingress answers itself, splits it: proxy + ingress against the hop to the retriever.
 Medians of --repeats; rows are appended to benchmarks/RESULTS.md with the machine.
 """
 
@@ -35,8 +36,10 @@ from common import machine
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def load(url: str, path: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float]]:
-    """POST every body once, `concurrency` at a time; (seconds, per-request latencies). Any non-200 aborts."""
+async def load(url: str, path: str, bodies: list, concurrency: int) -> tuple[float, list[float]]:
+    """POST every body once (GET for None), `concurrency` at a time; (seconds, per-request latencies).
+
+    Any non-200 aborts."""
     import httpx
 
     queue = list(enumerate(bodies))
@@ -46,7 +49,7 @@ async def load(url: str, path: str, bodies: list[dict], concurrency: int) -> tup
         while queue:
             _, body = queue.pop()
             start = time.perf_counter()
-            response = await client.post(path, json=body)
+            response = await (client.get(path) if body is None else client.post(path, json=body))
             latencies.append(time.perf_counter() - start)
             if response.status_code != 200:
                 raise RuntimeError(f"{path}: {response.status_code} {response.text[:200]}")
@@ -160,6 +163,9 @@ def main() -> None:
             ]
             asyncio.run(load(url, "/v1/search", queries[:50], 1))
             served = [asyncio.run(load(url, "/v1/search", queries, 1))[1] for _ in range(args.repeats)]
+            # The same path without the retriever: proxy -> ingress replica -> reply.
+            pings = [None] * args.search_requests
+            health = [asyncio.run(load(url, "/v1/health", pings, 1))[1] for _ in range(args.repeats)]
         stop_app()
     ray.shutdown()
     bare_rate = statistics.median(bare() for _ in range(args.repeats))
@@ -174,6 +180,7 @@ def main() -> None:
     lat = [x for run in served for x in run]
     p50, p99 = np.percentile(lat, 50) * 1e3, np.percentile(lat, 99) * 1e3
     l50, l99 = np.percentile(local, 50) * 1e3, np.percentile(local, 99) * 1e3
+    h50 = np.percentile([x for run in health for x in run], 50) * 1e3
 
     source = f" from {args.jpeg_size}px JPEG" if args.jpeg_size else ""
     mode = ", RAY_SERVE_THROUGHPUT_OPTIMIZED=1" if args.throughput_optimized else ""
@@ -197,6 +204,12 @@ def main() -> None:
             f"p50 {p50:.2f} ms, p99 {p99:.2f} ms",
             f"in-process p50 {l50:.3f} ms, p99 {l99:.3f} ms",
             f"overhead p50 {p50 - l50:.2f} ms",
+        ),
+        (
+            f"/v1/search overhead split: GET /v1/health (proxy + ingress, no retriever), sequential{mode}",
+            f"health p50 {h50:.2f} ms",
+            f"search p50 {p50:.2f} ms",
+            f"ingress -> retriever hop + search p50 {p50 - h50:.2f} ms",
         ),
     ]
     for row in rows:
