@@ -139,19 +139,21 @@ class FinetuneConfig(Section):
     @classmethod
     def _closed_form_is_linear(cls, value, info):
         # Only a frozen backbone gives fixed features: every other method trains the backbone too.
-        method = info.data.get("method")
-        if value and method is not None and method != "linear":
-            raise ValueError(f"needs finetune.method linear, not {method}")
-        return value
+        return _only_with_method(value, info, "linear")
 
     @field_validator("train_norms")
     @classmethod
     def _train_norms_is_svfit(cls, value, info):
         # `norm` trains the norms alone, `full` already trains them; peft methods would not save them.
-        method = info.data.get("method")
-        if value and method is not None and method != "svfit":
-            raise ValueError(f"needs finetune.method svfit, not {method}")
-        return value
+        return _only_with_method(value, info, "svfit")
+
+
+def _only_with_method(value, info, method: str):
+    """A finetune option that only `method` has: refused, in one line, when set with another."""
+    chosen = info.data.get("method")
+    if value and chosen is not None and chosen != method:
+        raise ValueError(f"needs finetune.method {method}, not {chosen}")
+    return value
 
 
 class TrainConfig(Section):

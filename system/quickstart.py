@@ -19,18 +19,15 @@ from system.config import load_config
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
-_STAGE_STARTS: list[tuple[str, float]] = []
-
-
-def _stage(name: str) -> None:
-    """Prints a stage header and notes when it started (the summary lists each stage's seconds)."""
-    _STAGE_STARTS.append((name.split(":")[0], time.perf_counter()))
+def _stage(starts: list[tuple[str, float]], name: str) -> None:
+    """Prints a stage header and notes in `starts` when it began (the summary lists each stage's seconds)."""
+    starts.append((name.split(":")[0], time.perf_counter()))
     print(f"\n=== {name} ===", flush=True)
 
 
-def _stage_seconds(end: float) -> list[tuple[str, str]]:
-    ends = [start for _, start in _STAGE_STARTS[1:]] + [end]
-    return [(f"time {name}", f"{stop - start:.0f} s") for (name, start), stop in zip(_STAGE_STARTS, ends)]
+def _stage_seconds(starts: list[tuple[str, float]], end: float) -> list[tuple[str, str]]:
+    ends = [start for _, start in starts[1:]] + [end]
+    return [(f"time {name}", f"{stop - start:.0f} s") for (name, start), stop in zip(starts, ends)]
 
 
 def _request(client, method: str, path: str, **kwargs) -> tuple[dict, float]:
@@ -83,7 +80,7 @@ def run_quickstart(
     from tune.sweep import run_sweep
 
     started = time.perf_counter()
-    _STAGE_STARTS.clear()
+    stages: list[tuple[str, float]] = []
     root = storage.normalize(storage_root)
     base = storage.join(root, "quickstart")
     common = [f"run.storage={root}", *overrides]
@@ -92,36 +89,36 @@ def run_quickstart(
     for stale in (storage.join(root, "_ray", "quickstart"), base):
         shutil.rmtree(storage.local_path(stale), ignore_errors=True)
 
-    _stage("data: scikit-learn digits -> canonical Parquet")
+    _stage(stages, "data: scikit-learn digits -> canonical Parquet")
     train_uri, test_uri = digits_dataset(storage.join(root, "datasets", "digits"))
     data = [f"data.train={train_uri}", f"data.val={test_uri}"]
     ray.init(ignore_reinit_error=True)
 
-    _stage("pretrain: SimCLR, 2 workers, DDP")
+    _stage(stages, "pretrain: SimCLR, 2 workers, DDP")
     pretrained = run_training(
         load_config(PRESET, [*data, *common, "run.name=quickstart/pretrain"]), "pretrain"
     )
 
-    _stage("finetune: LoRA + linear head")
+    _stage(stages, "finetune: LoRA + linear head")
     ft = [*data, *common, f"model.init={pretrained['model']}", "objective.name=supervised"]
     finetuned = run_training(load_config(PRESET, [*ft, "run.name=quickstart/finetune"]), "finetune")
 
-    _stage("sweep: 2 trials, ASHA over lr and LoRA rank")
+    _stage(stages, "sweep: 2 trials, ASHA over lr and LoRA rank")
     # Shorter trials that report every epoch (11 steps), so ASHA can stop the weaker one
     # early. One at a time: two side by side starve each other's input pipeline on 2 CPUs.
     trial = ["train.epochs=2", "train.eval_every=11", "run.name=quickstart/sweep"]
     sweep_uri = run_sweep(load_config(PRESET, [*ft, *trial]), job="finetune")
 
-    _stage("embed: Ray Data actor pool")
+    _stage(stages, "embed: Ray Data actor pool")
     model_uri = finetuned["model"]
     embeddings = run_embed(model_uri, train_uri, storage.join(base, "embeddings"), overwrite=True)
 
-    _stage("index: exact FAISS")
+    _stage(stages, "index: exact FAISS")
     index_uri = storage.join(base, "index")
     build_index(embeddings, index_uri, overwrite=True, progress=False)
     evaluation = evaluate_index(index_uri, k=10)
 
-    _stage("serve: Ray Serve on 127.0.0.1")
+    _stage(stages, "serve: Ray Serve on 127.0.0.1")
     first = (
         pq.read_table(storage.parquet_files(test_uri)[0], columns=["id", "image"]).slice(0, 1).to_pylist()[0]
     )
@@ -144,7 +141,7 @@ def run_quickstart(
         ("index queries/s (batch 1)", f"{evaluation['qps_batch1']:,.0f}"),
         *[(f"latency {name}", f"{ms:.1f} ms") for name, ms in latencies.items()],
         ("sweep leaderboard", storage.join(sweep_uri, "leaderboard.csv")),
-        *_stage_seconds(time.perf_counter()),
+        *_stage_seconds(stages, time.perf_counter()),
         ("total time", f"{time.perf_counter() - started:.0f} s"),
     ]
     print_summary(rows)
