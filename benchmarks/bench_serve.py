@@ -13,7 +13,8 @@ request count, `--concurrency` in flight):
   with max_batch_size=1, for the gain of dynamic batching.
 - /v1/search by vector (k=10, one request at a time) p50/p99 vs VectorIndex.search in
   process; the difference of the p50s is the serving overhead in ms. GET /v1/health, which
-  the ingress answers itself, splits it: proxy + ingress against the hop to the retriever.
+  the ingress answers itself, splits it: proxy + ingress against the hop to the retriever;
+  and a one-route FastAPI app on the same Serve instance gives Ray Serve's own floor.
 Medians of --repeats; rows are appended to benchmarks/RESULTS.md with the machine.
 """
 
@@ -59,6 +60,28 @@ async def load(url: str, path: str, bodies: list, concurrency: int) -> tuple[flo
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         return time.perf_counter() - start, latencies
+
+
+def serve_floor(url: str, requests: int, repeats: int) -> list[list[float]]:
+    """Latencies of GET on a one-route FastAPI app on the running Serve instance: Ray Serve's floor."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class Floor:
+        @api.get("/")
+        async def ok(self) -> dict:
+            return {"status": "ok"}
+
+    serve.run(Floor.bind(), name="bench-floor", route_prefix="/bench-floor")
+    pings = [None] * requests
+    asyncio.run(load(url, "/bench-floor/", pings[:50], 1))
+    runs = [asyncio.run(load(url, "/bench-floor/", pings, 1))[1] for _ in range(repeats)]
+    serve.delete("bench-floor")
+    return runs
 
 
 def append_rows(rows: list[tuple]) -> None:
@@ -166,6 +189,7 @@ def main() -> None:
             # The same path without the retriever: proxy -> ingress replica -> reply.
             pings = [None] * args.search_requests
             health = [asyncio.run(load(url, "/v1/health", pings, 1))[1] for _ in range(args.repeats)]
+            floor = serve_floor(url, args.search_requests, args.repeats)
         stop_app()
     ray.shutdown()
     bare_rate = statistics.median(bare() for _ in range(args.repeats))
@@ -181,6 +205,7 @@ def main() -> None:
     p50, p99 = np.percentile(lat, 50) * 1e3, np.percentile(lat, 99) * 1e3
     l50, l99 = np.percentile(local, 50) * 1e3, np.percentile(local, 99) * 1e3
     h50 = np.percentile([x for run in health for x in run], 50) * 1e3
+    f50 = np.percentile([x for run in floor for x in run], 50) * 1e3
 
     source = f" from {args.jpeg_size}px JPEG" if args.jpeg_size else ""
     mode = ", RAY_SERVE_THROUGHPUT_OPTIMIZED=1" if args.throughput_optimized else ""
@@ -210,6 +235,12 @@ def main() -> None:
             f"health p50 {h50:.2f} ms",
             f"search p50 {p50:.2f} ms",
             f"ingress -> retriever hop + search p50 {p50 - h50:.2f} ms",
+        ),
+        (
+            f"Ray Serve's floor: GET on a one-route FastAPI app (proxy + replica), sequential{mode}",
+            f"floor p50 {f50:.2f} ms",
+            f"/v1/health p50 {h50:.2f} ms",
+            f"our ingress (auth, timeout, metrics) p50 {h50 - f50:.2f} ms",
         ),
     ]
     for row in rows:
