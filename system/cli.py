@@ -40,6 +40,17 @@ def _config_help() -> str:
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (argparse then exits 2 with one line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML preset (see configs/)")
     parser.add_argument(
@@ -65,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--image-col", default="image", help="image column of a Parquet source")
     ingest.add_argument("--label-col", help="label column of a Parquet source (default: label, if present)")
     ingest.add_argument("--id-col", help="id column of a Parquet source (default: id, if present)")
-    ingest.add_argument("--shard-rows", type=int, default=10_000, help="rows per output Parquet file")
+    ingest.add_argument(
+        "--shard-rows", type=positive_int, default=10_000, help="rows per output Parquet file"
+    )
     ingest.add_argument("--overwrite", action="store_true", help="replace an existing output")
     info = data_commands.add_parser("info", help="rows, classes, image sizes and bytes of a dataset")
     info.add_argument("dataset", help="dataset folder or Parquet file")
@@ -92,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--model", required=True, help="model artifact folder")
     embed.add_argument("--data", required=True, help="dataset folder or Parquet file")
     embed.add_argument("--out", required=True, help="output embeddings folder")
-    embed.add_argument("--batch-size", type=int, default=128, help="images per model call")
-    embed.add_argument("--concurrency", type=int, help="model replicas (default: GPUs, or CPUs - 1)")
-    embed.add_argument("--limit", type=int, help="embed only the first N rows")
+    embed.add_argument("--batch-size", type=positive_int, default=128, help="images per model call")
+    embed.add_argument("--concurrency", type=positive_int, help="model replicas (default: GPUs, or CPUs - 1)")
+    embed.add_argument("--limit", type=positive_int, help="embed only the first N rows")
     embed.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
     index = commands.add_parser("index", help="build, query and evaluate FAISS indexes")
@@ -105,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--factory", default="auto", help="'auto' or any FAISS index_factory string")
     build.add_argument("--metric", choices=["ip", "l2"], help="default: ip for normalised vectors, else l2")
     build.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    build.add_argument("--shards", type=int, default=1, help="sub-indexes by id hash (Ray tasks)")
+    build.add_argument("--shards", type=positive_int, default=1, help="sub-indexes by id hash (Ray tasks)")
     build.add_argument("--memory-budget", help="RAM per shard for auto, e.g. 8G (default: RAM/2)")
     build.add_argument("--on-disk", action="store_true", help="IVF inverted lists memory-mapped from disk")
     build.add_argument(
@@ -119,12 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--image", dest="images", action="append", default=[], help="query by an image file")
     search.add_argument("--model", help="model artifact that embeds --image queries")
-    search.add_argument("--k", type=int, default=10, help="neighbours per query")
+    search.add_argument("--k", type=positive_int, default=10, help="neighbours per query")
     search.add_argument("--target-recall", type=float, help="operating point (default: the build's)")
     evaluate = index_commands.add_parser("eval", help="recall against exact search, QPS, latency (JSON)")
     evaluate.add_argument("--index", required=True, help="index folder")
-    evaluate.add_argument("--k", type=int, default=10, help="recall@k and search k")
-    evaluate.add_argument("--queries", type=int, default=200, help="number of stored vectors used as queries")
+    evaluate.add_argument("--k", type=positive_int, default=10, help="recall@k and search k")
+    evaluate.add_argument(
+        "--queries", type=positive_int, default=200, help="number of stored vectors used as queries"
+    )
     evaluate.add_argument("--target-recall", type=float, help="operating point (default: the build's)")
 
     srv = commands.add_parser("serve", help="serve /v1/embed, /v1/classify, /v1/search (Ray Serve)")

@@ -130,6 +130,18 @@ class FinetuneConfig(Section):
         "wins, without data.val the middle one",
     )
 
+    @field_validator("target_modules")
+    @classmethod
+    def _target_modules_compiles(cls, value):
+        return _regex(value)
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _rank_pattern_compiles(cls, value):
+        for pattern in value:
+            _regex(pattern)
+        return value
+
     @field_validator("ridge", mode="before")
     @classmethod
     def _one_ridge_is_a_list(cls, value):
@@ -146,6 +158,16 @@ class FinetuneConfig(Section):
     def _train_norms_is_svfit(cls, value, info):
         # `norm` trains the norms alone, `full` already trains them; peft methods would not save them.
         return _only_with_method(value, info, "svfit")
+
+
+def _regex(pattern: str | None) -> str | None:
+    """`pattern` when it is a valid regular expression; else one line naming the fault."""
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{pattern!r} is not a valid regular expression ({err})") from None
+    return pattern
 
 
 def _only_with_method(value, info, method: str):

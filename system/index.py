@@ -386,6 +386,8 @@ def evaluate_index(
     reconstructs them, so for lossy codes (PQ, SQ) recall measures the search, not the
     quantisation. Queries default to `num_queries` stored vectors sampled with a fixed seed.
     """
+    if num_queries < 1:
+        raise IndexInputError(f"num_queries must be at least 1, got {num_queries}")
     index = open_index(index_uri, target_recall)
     n, k = len(index), _check_k(k)
     if n == 0:

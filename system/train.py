@@ -320,6 +320,7 @@ def train_loop_per_worker(config: dict) -> None:
                     "lr": scheduler.get_last_lr()[0],
                     **parameters,
                     "peak_memory_mb": peak_memory_mb(device),
+                    "total_steps": total_steps,  # a sweep tells finished trials from stopped ones by it
                     **{k: float(v) for k, v in extra.items()},
                 }
                 if evaluates and should_eval:

@@ -117,6 +117,24 @@ def test_bad_input_is_one_line_exit_2(case, capsys, digits_data):
     assert "Traceback" not in captured.err + captured.out
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["index", "build", "--embeddings", "e", "--out", "o", "--shards", "0"],
+        ["index", "eval", "--index", "i", "--queries", "0"],
+        ["index", "search", "--index", "i", "--id", "a", "--k", "-1"],
+        ["embed", "--model", "m", "--data", "d", "--out", "o", "--batch-size", "0"],
+    ],
+    ids=lambda argv: argv[-2],
+)
+def test_counts_below_one_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert argv[-2] in last and "must be at least 1" in last, last
+
+
 def test_module_entry_point_exit_code():
     """`python -m system.cli` (what `ray job submit` runs) has the same contract."""
     done = subprocess.run(

@@ -119,6 +119,8 @@ def test_empty_section_in_yaml_accepts_overrides(tmp_path):
         ("finetune.ridge=[]", "finetune.ridge", "at least 1 item"),
         ("finetune.ridge=[0.1, 0]", "finetune.ridge.1", "greater than 0"),
         ("finetune.ridge=abc", "finetune.ridge", "valid list"),
+        ("finetune.target_modules=blocks.(qkv", "finetune.target_modules", "not a valid regular expression"),
+        ("finetune.rank_pattern={'fc[': 4}", "finetune.rank_pattern", "not a valid regular expression"),
     ],
 )
 def test_bad_override_is_one_line_naming_the_key(override, key, words):

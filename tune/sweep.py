@@ -310,9 +310,14 @@ def leaderboard(grid, cfg: JobConfig, job: str) -> list[dict]:
         if result.error is not None:
             status = "ERROR"
         else:
-            key = (trial_cfg.data.train, trial_cfg.data.limit)
-            rows_n = row_counts.setdefault(key, count_rows(*key))
-            planned = _planned_steps(trial_cfg, rows_n)
+            # The trial's own plan (train.max_minutes can shorten it); counted again for
+            # trials that reported no total_steps (a sweep started by an older version).
+            planned = metrics.get("total_steps")
+            if planned is None:
+                key = (trial_cfg.data.train, trial_cfg.data.limit)
+                if key not in row_counts:
+                    row_counts[key] = count_rows(*key)
+                planned = _planned_steps(trial_cfg, row_counts[key])
             status = "DONE" if steps is not None and steps >= planned else "STOPPED"
         rows.append(
             {
@@ -400,7 +405,9 @@ def _reports_per_trial(total_steps: int, eval_every: int) -> int:
 
 
 def _planned_steps(cfg: JobConfig, rows: int) -> int:
-    return cfg.train.max_steps or rows // (cfg.train.batch_size * cfg.train.workers) * cfg.train.epochs
+    """Optimizer steps a trial runs when nothing stops it (as system.train.plan_run counts them)."""
+    global_batch = cfg.train.batch_size * cfg.train.workers * cfg.train.accumulation_steps
+    return cfg.train.max_steps or rows // global_batch * cfg.train.epochs
 
 
 def _max_concurrent(cfg: JobConfig) -> int:
