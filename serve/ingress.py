@@ -389,7 +389,7 @@ class RepforgeIngress:
             for shard in sorted(set(owners.values())):
                 picks = [i for i, s in owners.items() if s == shard]
                 removed += (await call(self.retrievers[shard].remove, picks, deadline=deadline))["removed"]
-        except IndexInputError as err:  # e.g. HNSW and on-disk indexes cannot remove
+        except IndexInputError as err:  # e.g. on-disk indexes are read-only
             raise ApiError(422, "invalid_item", _cause(err)) from None
         return {"added": 0, "replaced": 0, "removed": removed, "count": await self.count(deadline)}
 

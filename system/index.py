@@ -243,10 +243,21 @@ class VectorIndex:
         k = min(k, len(self))
         if k == 0 or len(queries) == 0:
             return [[] for _ in queries], np.zeros((len(queries), k), np.float32)
-        scores, labels = self._searcher().search(queries, k)
+        tombstones = self.manifest.get("tombstones", 0)
+        # Ask for as many more as there are tombstones, so k live hits remain after skipping them.
+        scores, labels = self._searcher().search(queries, k + tombstones)
         # FAISS pads with label -1 when it finds fewer than k (small index, few IVF probes).
-        rows = np.searchsorted(self._labels, labels)
-        return [self._ids[r[lab >= 0]].tolist() for r, lab in zip(rows, labels, strict=True)], scores
+        rows = np.minimum(np.searchsorted(self._labels, labels), len(self._labels) - 1)
+        live = (labels >= 0) & (self._labels[rows] == labels)
+        if not tombstones:
+            return [self._ids[r[ok]].tolist() for r, ok in zip(rows, live, strict=True)], scores
+        worst = np.finfo(np.float32).max * (-1 if self.metric == "ip" else 1)  # FAISS's own padding
+        found, kept = [], np.full((len(queries), k), worst, np.float32)
+        for q, (r, ok) in enumerate(zip(rows, live, strict=True)):
+            at = np.flatnonzero(ok)[:k]
+            found.append(self._ids[r[at]].tolist())
+            kept[q, : len(at)] = scores[q, at]
+        return found, kept
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
         """Top-k ids per query and scores [n, min(k, len)]; scores past len(ids[i]) are padding."""
@@ -297,7 +308,9 @@ class VectorIndex:
         if metadata is not None and len(metadata) != len(ids):
             raise IndexInputError(f"{len(ids)} ids but {len(metadata)} metadata entries")
         self._writable("add")
-        first = int(self._labels.max()) + 1 if len(self._labels) else 0
+        first = max(
+            int(self._labels.max()) + 1 if len(self._labels) else 0, self.manifest.get("next_label", 0)
+        )
         labels = np.arange(first, first + len(ids), dtype=np.int64)
         rows = [
             {**(m or {}), "id": i, "faiss_id": int(lab)}
@@ -319,22 +332,30 @@ class VectorIndex:
         self._row.update({i: len(self._row) + n for n, i in enumerate(ids)})
 
     def remove(self, ids: list[str]) -> None:
+        """Remove `ids`. Indexes FAISS cannot remove from (HNSW, Refine) keep the vectors as
+        tombstones: out of the id map, skipped at search, gone at the next rebuild."""
         ids = unique_ids(ids)
         rows = self._rows(ids)
         self._writable("remove")
         labels, where = self._labels[rows], self._shard[rows]
-        removed = 0
+        tombstoned = 0
         for s, shard in enumerate(self.shards):
             if not (mine := where == s).any():
                 continue
-            try:  # every shard has the same type, so an unsupported remove fails on the first
-                removed += shard.remove_ids(labels[mine])
-            except RuntimeError:
-                factory = self.manifest["factory"]
-                message = f"index {factory!r} does not support remove; rebuild it instead"
-                raise IndexInputError(message) from None
-        if removed != len(rows):  # would mean the id map and FAISS disagree: a bug, not user input
-            raise RuntimeError(f"FAISS removed {removed} vectors, expected {len(rows)}")
+            try:  # FAISS removes from a sub-index before its id map, so a refusal changes nothing
+                removed = shard.remove_ids(labels[mine])
+            except RuntimeError:  # not supported by this index type
+                tombstoned += int(mine.sum())
+                continue
+            if removed != mine.sum():  # the id map and FAISS would disagree: a bug, not user input
+                raise RuntimeError(f"FAISS removed {removed} vectors, expected {int(mine.sum())}")
+        # Labels are never reused, so a tombstone's label cannot come back with another vector.
+        next_label = max(self.manifest.get("next_label", 0), int(self._labels.max()) + 1)
+        self.manifest = {
+            **self.manifest,
+            "next_label": next_label,
+            "tombstones": self.manifest.get("tombstones", 0) + tombstoned,
+        }
         keep = np.ones(len(self), dtype=bool)
         keep[rows] = False
         self._gpu = None

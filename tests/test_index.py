@@ -140,7 +140,11 @@ def test_evaluate_exact_and_approximate(embeddings_uri, tmp_path):
     assert given["num_queries"] == 20 and given["recall@5"] == 1.0
 
 
-@pytest.mark.parametrize(("factory", "shards"), [("Flat", 1), ("IVF16,Flat", 1), ("IVF16,Flat", 3)])
+@pytest.mark.parametrize(
+    ("factory", "shards"),
+    # HNSW and Refine cannot remove in FAISS: their removed vectors stay as tombstones.
+    [("Flat", 1), ("IVF16,Flat", 1), ("IVF16,Flat", 3), ("HNSW16", 1), ("IVF16,PQ8,Refine(Flat)", 1)],
+)
 def test_add_remove_save_reopen(embeddings_uri, digits, tmp_path, factory, shards, request):
     ids, vectors, _ = digits
     if shards > 1:
@@ -153,14 +157,18 @@ def test_add_remove_save_reopen(embeddings_uri, digits, tmp_path, factory, shard
     index.remove(["d0005", "d0006", "n2"])
     assert len(index) == len(ids) + 2 - 3
 
+    tombstones = 3 if factory in ("HNSW16", "IVF16,PQ8,Refine(Flat)") else 0
+
     def check(ix: VectorIndex):
         assert len(ix) == len(ids) - 1 and ix.info()["count"] == len(ids) - 1
+        assert ix.info().get("tombstones", 0) == tombstones
         found, _ = ix.search(new[:1], 1)
         assert found == [["n1"]]
         assert ix.metadata(["n1", "d0004"]) == [{"label": 42}, {"label": 4}]
         hits, _ = ix.search(vectors[[5, 6]], 50)
         hits += ix.search(new[1:], 50)[0]
         assert not {"d0005", "d0006", "n2"} & {i for h in hits for i in h}
+        assert [len(h) for h in hits] == [50, 50, 50]  # k live hits, tombstones skipped
         with pytest.raises(IndexInputError, match="unknown ids"):
             ix.metadata(["d0005"])
 
@@ -168,8 +176,9 @@ def test_add_remove_save_reopen(embeddings_uri, digits, tmp_path, factory, shard
     index.save()
     reopened = open_index(uri)
     check(reopened)
-    reopened.add(["d0005"], vectors[5:6])  # a removed id can come back
+    reopened.add(["d0005"], vectors[5:6])  # a removed id can come back (a new label: never a tombstone's)
     assert reopened.search(vectors[5:6], 1)[0] == [["d0005"]]
+    assert len(set(reopened.idmap.column("faiss_id").to_pylist())) == len(reopened)
     assert reopened.metadata(["d0005"]) == [{"label": None}]
 
 
@@ -235,15 +244,6 @@ def test_bad_inputs_leave_index_unchanged(embeddings_uri, digits, tmp_path):
             call()
         assert "\n" not in str(error.value), name
         assert _snapshot(index, vectors) == before, name
-
-
-def test_remove_unsupported_is_a_clear_error(embeddings_uri, digits, tmp_path):
-    _, vectors, _ = digits
-    index = open_index(_build(embeddings_uri, tmp_path, factory="HNSW16"))
-    before = _snapshot(index, vectors)
-    with pytest.raises(IndexInputError, match="'HNSW16' does not support remove"):
-        index.remove(["d0000"])
-    assert _snapshot(index, vectors) == before
 
 
 def test_build_errors(embeddings_uri, tmp_path):
