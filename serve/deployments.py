@@ -179,14 +179,17 @@ class EmbedderDeployment:
 class RetrieverDeployment:
     """One index (or one shard of a sharded set), from user_config {"model", "index"}.
 
-    Methods are `async` without awaits in their bodies: they run one at a time on the
-    replica's event loop, so a search never sees a half-applied add or remove. A swap keeps
-    the previous index so queries embedded by the previous model still find their match.
+    Searches and the changes of an add or remove run on the replica's event loop without
+    awaiting, so a search never sees a half-applied change. Only saving the changed index
+    awaits (in a thread, so searches go on during a long write), under a lock that keeps
+    the next change from touching the index while it is being written. A swap keeps the
+    previous index so queries embedded by the previous model still find their match.
     """
 
     def __init__(self, persist: bool = True):
         self.current, self.previous, self.refused = None, None, None
         self.persist = persist
+        self.changing = asyncio.Lock()
 
     async def reconfigure(self, config: dict) -> None:
         from system.index import open_index
@@ -250,6 +253,10 @@ class RetrieverDeployment:
         self, ids: list[str], vectors: np.ndarray, metadata: list[dict] | None, fingerprint: str
     ):
         """Add, replacing ids already held; one call, so searches see all of it or none."""
+        async with self.changing:
+            return await self._upsert(ids, vectors, metadata, fingerprint)
+
+    async def _upsert(self, ids, vectors, metadata, fingerprint) -> dict:
         index = self.current
         if index.fingerprint and index.fingerprint != fingerprint:
             raise VersionMismatch(f"items embedded by {fingerprint}, index built from {index.fingerprint}")
@@ -264,19 +271,22 @@ class RetrieverDeployment:
             if replaced:
                 index.add(replaced, *old)
             raise
-        self._save()
-        return {"replaced": len(replaced), "count": len(index)}
+        count = len(index)
+        await self._save(index)
+        return {"replaced": len(replaced), "count": count}
 
     async def remove(self, ids: list[str]) -> dict:
-        held = [i for i in ids if _has(self.current, i)]
-        if held:
-            self.current.remove(held)
-            self._save()
-        return {"removed": len(held), "count": len(self.current)}
+        async with self.changing:
+            index = self.current
+            held = [i for i in ids if _has(index, i)]
+            if held:
+                index.remove(held)
+                await self._save(index)
+            return {"removed": len(held), "count": len(index)}
 
-    def _save(self) -> None:
+    async def _save(self, index) -> None:
         if self.persist:
-            self.current.save()
+            await asyncio.to_thread(index.save)
 
 
 def _has(index, item_id: str) -> bool:
