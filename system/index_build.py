@@ -357,13 +357,21 @@ def _merge_on_disk(trained, blocks: list[str], folder: str, shard: int, num_shar
     return index
 
 
-def _ray_map(function, calls: list[tuple]) -> list:
-    """Run `function(*args)` for each args as Ray tasks; a user error in any is re-raised as is."""
+def _ray_map(function, calls: list[tuple], on_driver_node: bool = False) -> list:
+    """Run `function(*args)` for each args as Ray tasks; a user error in any is re-raised as is.
+
+    `on_driver_node`: the tasks write into a folder only this machine sees (the local staging
+    folder of a remote --out), so they must all run here, not on other nodes of a cluster.
+    """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if not ray.is_initialized():
         ray.init()
     task = ray.remote(function)
+    if on_driver_node:
+        here = ray.get_runtime_context().get_node_id()
+        task = task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
     futures = [task.remote(*args) for args in calls]
     try:
         return ray.get(futures)
@@ -385,6 +393,7 @@ def run_partition(
     folder: str,
     schema: pa.Schema,
     progress: bool,
+    on_driver_node: bool = False,
 ):
     """Run the partition tasks: (staging files per shard, training sample, rows read)."""
     import ray
@@ -397,13 +406,13 @@ def run_partition(
     for reader, (runs, first, rows) in enumerate(parts):
         mine = chosen[np.searchsorted(chosen, first) : np.searchsorted(chosen, first + rows)]
         calls.append((reader, runs, first, mine, num_shards, folder, schema_ref, progress))
-    results = _ray_map(partition, calls)
+    results = _ray_map(partition, calls, on_driver_node)
     staged = [[staging_file(folder, s, r) for r in range(len(parts))] for s in range(num_shards)]
     sample = np.concatenate([r["sample"] for r in results])
     return staged, sample, sum(r["rows"] for r in results)
 
 
-def _run_shards(num_shards: int, files, counts, args: tuple) -> list[dict]:
+def _run_shards(num_shards: int, files, counts, args: tuple, on_driver_node: bool = False) -> list[dict]:
     """Build every shard: in-process over the embeddings, or Ray tasks over their staging files."""
     if num_shards == 1:
         return [build_shard(args[0], files, counts, 0, 1, *args[1:])]
@@ -411,7 +420,7 @@ def _run_shards(num_shards: int, files, counts, args: tuple) -> list[dict]:
 
     refs = [ray.put(a) for a in args]
     calls = [(refs[0], files[s], None, s, num_shards, *refs[1:]) for s in range(num_shards)]
-    return _ray_map(build_shard, calls)
+    return _ray_map(build_shard, calls, on_driver_node)
 
 
 def _prefix_dim(prefix_dim: int | None, meta: dict, dim: int, factory: str, room: bool) -> int:
@@ -478,6 +487,8 @@ def build_index(
     # Sharded: each shard task checks and writes its own part of it.
     idmap = read_idmap(files, schema) if shards == 1 else None
     start = time.perf_counter()
+    # A remote --out is staged in a local folder of this machine: shard tasks must run here.
+    on_driver_node = storage.is_remote(out_uri)
     with storage.publish_dir(out_uri, overwrite=overwrite) as staging:
         if shards == 1:
             sample, inputs = read_sample(files, counts, train_sample_size(empty, count)), (files, counts)
@@ -485,14 +496,14 @@ def build_index(
         else:
             size = train_sample_size(empty, count)
             staged, sample, rows_read = run_partition(
-                files, count, size, shards, str(staging), schema, progress
+                files, count, size, shards, str(staging), schema, progress, on_driver_node
             )
             inputs = (staged, None)
         train_index(empty, sample, factory)
         queries = held_out_queries(sample, TUNE_QUERIES, normalized)
         del sample
         args = (faiss.serialize_index(empty), str(staging), on_disk, queries, metric, progress)
-        results = _run_shards(shards, *inputs, args)
+        results = _run_shards(shards, *inputs, args, on_driver_node)
         if shards == 1:
             rows_read += sum(r["count"] for r in results)
             pq.write_table(idmap, staging / IDS_FILE)

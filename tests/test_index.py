@@ -294,3 +294,17 @@ def test_metadata_and_fingerprint(embeddings_uri, digits, tmp_path):
     check_fingerprint(index, None)  # callers without a fingerprint are not refused
     with pytest.raises(IndexInputError, match="model other but the index was built from model digits-pixels"):
         check_fingerprint(index, "other")
+
+
+
+def test_build_tasks_pinned_to_the_driver_node_run_there(ray_local):
+    # A remote --out stages in a folder of the driver's machine: its tasks must all run there.
+    import ray
+
+    from system.index_build import _ray_map
+
+    def node_of_task() -> str:  # nested: pickled by value (workers cannot import tests/)
+        return ray.get_runtime_context().get_node_id()
+
+    nodes = _ray_map(node_of_task, [(), (), ()], on_driver_node=True)
+    assert set(nodes) == {ray.get_runtime_context().get_node_id()}
