@@ -1,8 +1,10 @@
 """Storage URIs: a local folder by default, any pyarrow filesystem (s3://, gs://, ...) on a cluster.
 
-Artifacts are written to a local temporary folder and published whole: renamed into
-place on a local filesystem (atomic), uploaded and then marked complete elsewhere. A
-crash mid-write never leaves a half artifact at the destination.
+Artifacts are written to a local temporary folder and published whole. On a local or
+shared filesystem it is renamed into place (atomic: a crash mid-write never leaves a half
+artifact there). Object stores have no rename: the folder is uploaded only once it is
+complete, but an upload cut short (or an overwrite, which deletes the old copy first) can
+leave the destination incomplete; rerun the command with --overwrite.
 """
 
 from __future__ import annotations
