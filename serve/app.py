@@ -137,6 +137,8 @@ def build_app(args: AppArgs | dict) -> serve.Application:
     versions = user_configs(cfg, classifier_uri)
     # Ask for a GPU only where the cluster has one; otherwise the replica would never be placed.
     has_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    # A separate classifier model shares the GPU with the embedder (both fit on one-GPU nodes).
+    gpu_share = 0.5 if classifier_uri and classifier_uri != cfg.model else 1
     # Bounded queues: an overloaded model or index answers 503 at once instead of timing out.
     limits = {
         "max_ongoing_requests": cfg.max_ongoing_requests,
@@ -146,7 +148,7 @@ def build_app(args: AppArgs | dict) -> serve.Application:
         **limits,
         "health_check_period_s": 2,  # a dead replica is noticed and replaced within seconds
         "num_replicas": cfg.embedder_replicas,
-        "ray_actor_options": {"num_cpus": cfg.replica_cpus, **({"num_gpus": 1} if has_gpu else {})},
+        "ray_actor_options": {"num_cpus": cfg.replica_cpus, **({"num_gpus": gpu_share} if has_gpu else {})},
     }
     batching = {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
     embedder = EmbedderDeployment.options(user_config=versions["EmbedderDeployment"], **model_options).bind(
