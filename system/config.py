@@ -60,6 +60,11 @@ class DataConfig(Section):
         description="datasets whose Parquet files are smaller than this (and than a quarter of Ray's "
         "object store) are read once and kept in the object store for every epoch; 0 = read every epoch",
     )
+    balance: bool = Field(
+        False,
+        description="class-balanced sampling: every class is drawn equally often in an epoch (rare "
+        "classes' rows repeat, common ones' are subsampled; the epoch keeps its size); needs labels",
+    )
     hflip: bool = Field(
         True,
         description="random horizontal flips in the SSL views; false for digits, text and other "

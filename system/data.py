@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -273,6 +274,31 @@ def read_table(uri: str, limit: int | None = None) -> pa.Table:
 def count_rows(uri: str, limit: int | None = None) -> int:
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in storage.parquet_files(uri))
     return min(rows, limit) if limit else rows
+
+
+def class_repeats(uri: str, limit: int | None = None) -> dict[int, float]:
+    """data.balance: how often each row of a class is drawn per epoch so that every class is
+    drawn equally often and the epoch keeps its size: (rows / classes) / rows of the class."""
+    labels = np.concatenate(
+        [pq.read_table(f, columns=["label"]).column("label").to_numpy() for f in storage.parquet_files(uri)]
+    )
+    values, counts = np.unique(labels[:limit] if limit else labels, return_counts=True)
+    per_class = counts.sum() / len(counts)
+    return {int(v): float(per_class / c) for v, c in zip(values, counts, strict=True)}
+
+
+def balance_rows(batch: pa.Table, repeats: dict[int, float], seed: int) -> pa.Table:
+    """For Ray Data map_batches: each row `repeats[label]` times on average.
+
+    Ray Data has no weighted sampler, so this one is ours: rows of rare classes repeat,
+    rows of common ones are kept with probability < 1. The fraction is decided by a hash
+    of the row's id and `seed`, so every epoch (and a resumed run) draws the same rows.
+    """
+    factor = np.array([repeats[label] for label in batch.column("label").to_pylist()])
+    whole = np.floor(factor)
+    draw = np.array([zlib.crc32(str(i).encode(), seed) for i in batch.column("id").to_pylist()]) / 2**32
+    times = whole.astype(np.int64) + (draw < factor - whole)
+    return batch.take(np.repeat(np.arange(batch.num_rows), times))
 
 
 # -- bundled quickstart data ------------------------------------------------------------

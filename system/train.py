@@ -32,7 +32,7 @@ from system import storage
 from system.adapters import adapter_bytes, get_adapter, parameter_report
 from system.checkpoint import full_model_state, load_checkpoint, save_checkpoint
 from system.config import JobConfig
-from system.data import count_rows, read_classes, read_dataset, read_table
+from system.data import balance_rows, class_repeats, count_rows, read_classes, read_dataset, read_table
 from system.metrics import knn_accuracy, rankme, uniformity
 from system.models import Embedder, create_backbone, read_meta, write_artifact
 from system.objectives import get_objective, nested_dims
@@ -397,6 +397,10 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
         rows = count_rows(cfg.data.train, cfg.data.limit)
     except storage.StorageError as err:
         raise storage.StorageError(f"data.train: {err}") from None
+    if cfg.data.balance and len(classes) < 2:
+        raise ValueError(f"data.balance: class-balanced sampling needs labelled data ({cfg.data.train})")
+    if cfg.data.balance and job == "finetune" and cfg.finetune.closed_form:
+        raise ValueError("data.balance: the closed-form fit reads every row once; it has no sampling")
     if job == "finetune" and len(classes) < 2:
         raise ValueError(f"data.train: fine-tuning needs labelled data with class names ({cfg.data.train})")
     if cfg.data.val and not storage.exists(cfg.data.val):
@@ -525,6 +529,11 @@ def input_datasets(cfg: JobConfig, job: str, pre: dict) -> dict:
     # Their progress bars would interleave with the workers' progress lines: off.
     ray.data.DataContext.get_current().enable_progress_bars = False
     train = cached_input(cfg.data.train, cfg.data.limit, cfg.data.cache_mb)
+    if cfg.data.balance:  # before the shuffle, so the repeated rows of a class spread out
+        repeats = class_repeats(cfg.data.train, cfg.data.limit)
+        train = train.map_batches(
+            balance_rows, batch_format="pyarrow", fn_kwargs={"repeats": repeats, "seed": cfg.seed}
+        )
     seed = None
     if cfg.data.shuffle == "global":  # datasets are often sorted by class (CIFAR-10's files are)
         # Shuffles the encoded rows, before decoding; reseeded after each epoch.

@@ -76,6 +76,20 @@ BAD_INPUTS = {
         ["pretrain", "--config", "configs/quickstart.yaml", "--set", "train.keep_best=val_acc"],
         "train.keep_best",
     ),
+    "balanced closed form": (
+        [
+            "finetune",
+            "--config",
+            "configs/quickstart.yaml",
+            "--set",
+            "finetune.method=linear",
+            "--set",
+            "finetune.closed_form=true",
+            "--set",
+            "data.balance=true",
+        ],
+        "data.balance",
+    ),
     "no run to show": (["runs", "show", "/nonexistent-run"], "no metrics.jsonl"),
     "missing init": (
         ["finetune", "--config", "configs/quickstart.yaml", "--set", "model.init=/nope"],

@@ -20,6 +20,7 @@ from PIL import Image
 
 from system.data import (
     DataError,
+    class_repeats,
     count_rows,
     decode_image,
     digits_dataset,
@@ -27,7 +28,7 @@ from system.data import (
     ingest,
     read_classes,
 )
-from system.storage import StorageError
+from system.storage import StorageError, parquet_files
 
 CLASSES = ["cat", "dog", "frog"]
 
@@ -372,3 +373,27 @@ def test_small_training_input_is_held_in_the_object_store(ray_local, digits_data
     assert not isinstance(lazy, MaterializedDataset)
     rows = lambda ds: [(r["id"], r["label"], r["image"]) for r in ds.take_all()]  # noqa: E731
     assert rows(cached) == rows(lazy) and len(rows(cached)) == 300
+
+
+def test_class_balanced_sampling_draws_every_class_equally(ray_local, digits_data, tmp_path):
+    """data.balance on a 10:1 two-class set: about half of each class per epoch, same size, same rows."""
+    from system.config import build_config
+    from system.train import input_datasets
+
+    table = pa.concat_tables(pq.read_table(f) for f in parquet_files(digits_data[0]))
+    labels = table.column("label").to_numpy()
+    picks = np.concatenate([np.flatnonzero(labels == 0)[:140], np.flatnonzero(labels == 1)[:14]])
+    (tmp_path / "skewed").mkdir()
+    pq.write_table(table.take(picks), tmp_path / "skewed" / "part-00000.parquet")
+
+    repeats = class_repeats(str(tmp_path / "skewed"))
+    assert repeats == pytest.approx({0: 77 / 140, 1: 77 / 14})
+    cfg = build_config({"data": {"train": str(tmp_path / "skewed"), "balance": True, "shuffle": "none"}})
+    pre = {"size": 8, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "crop_pct": 1.0}
+    train = input_datasets(cfg, "finetune", pre)["train"]
+    epochs = [
+        Counter(np.concatenate([b["label"] for b in train.iter_batches(batch_size=None)])) for _ in "ab"
+    ]
+    assert epochs[0] == epochs[1]  # the same draw every epoch
+    assert 0.85 * 154 <= sum(epochs[0].values()) <= 1.15 * 154  # the epoch keeps its size
+    assert 0.4 <= epochs[0][1] / sum(epochs[0].values()) <= 0.6, epochs[0]  # was 14 of 154

@@ -296,7 +296,6 @@ def test_metadata_and_fingerprint(embeddings_uri, digits, tmp_path):
         check_fingerprint(index, "other")
 
 
-
 def test_build_tasks_pinned_to_the_driver_node_run_there(ray_local):
     # A remote --out stages in a folder of the driver's machine: its tasks must all run there.
     import ray
