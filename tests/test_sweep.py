@@ -272,6 +272,25 @@ def test_planned_steps_count_gradient_accumulation_as_training_does():
     assert _planned_steps(cfg, rows=1000) == 7
 
 
+def test_a_metric_the_runs_do_not_report_is_one_config_line():
+    # Tune's own message when sweep.metric=val_acx (a typo), shortened from a real run.
+    from tune.sweep import _unreported_metric
+
+    tune_message = (
+        "ValueError: Trial returned a result which did not include the specified metric(s) `val_acx` "
+        "that `AsyncHyperBandScheduler` expects. Make sure your calls to `tune.report()` include the "
+        "metric. Result: {'step': 6, 'loss': 2.29, 'total_steps': 6, 'val_acc': 0.10, "
+        "'timestamp': 1795435786, 'trial_id': '9ecbc_00000', 'config/overrides/train.lr': 0.0043}"
+    )
+    error = _unreported_metric(tune.TuneError(tune_message), "val_acx")
+    assert isinstance(error, ConfigError)
+    assert (
+        str(error)
+        == "sweep.metric: the runs report no 'val_acx' (they report: step, loss, total_steps, val_acc)"
+    )
+    assert _unreported_metric(tune.TuneError("a trial's worker died"), "val_acc") is None
+
+
 def test_spectrum_prior_proposes_a_rank_per_target():
     from tune.ranks import spectrum_prior
 

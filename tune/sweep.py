@@ -272,7 +272,10 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
                 verbose=1,
             ),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except tune.TuneError as err:
+        raise _unreported_metric(err, cfg.sweep.metric) or err from None
     if not _finished(tune_uri, _expected_trials(cfg)):
         print(f"[sweep] {name} interrupted; continue it with --resume (same run.name)", flush=True)
         raise KeyboardInterrupt
@@ -282,8 +285,13 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
     print(format_table(rows), flush=True)
     write_pareto(rows, cfg, sweep_uri)
     best = next((r for r in rows if _finite(r[cfg.sweep.metric]) and r["status"] != "ERROR"), None)
+    if best is None and all(r["status"] == "ERROR" for r in rows):
+        raise RuntimeError(f"sweep {name}: every trial failed (see the leaderboard and logs in {sweep_uri})")
     if best is None:
-        raise RuntimeError(f"sweep {name}: no trial reported {cfg.sweep.metric} (see {sweep_uri})")
+        # Trials ran but none reported it: a sweep.metric no run reports (a typo), a config error.
+        raise ConfigError(
+            f"sweep.metric: no trial of sweep {name} reported {cfg.sweep.metric} (see {sweep_uri})"
+        )
     result = next(r for r in grid if _trial_id(r) == best["trial_id"])
     best_tree = _with_overrides(cfg.model_dump(mode="json"), result.config["overrides"])
     set_dotted(best_tree, "run.name", f"{name}-best")
@@ -396,6 +404,29 @@ def _check_metric(cfg: JobConfig, job: str) -> None:
         raise ConfigError(f"sweep.metric: {metric} is measured on data.val, which is not set")
     if VAL_METRICS.get(metric) not in (None, job):
         raise ConfigError(f"sweep.metric: {metric} is only reported by {VAL_METRICS[metric]} runs")
+
+
+def _unreported_metric(err: Exception, metric: str) -> ConfigError | None:
+    """Tune stops the sweep when a result lacks the scheduler's metric: say so in one line.
+
+    Checked then rather than up front because an objective's extra metrics (any registered
+    objective may add some) are only known once a run reports them."""
+    if "did not include the specified metric" not in str(err):
+        return None
+    reported = re.search(r"Result: \{(.*?)\}", str(err))
+    names = re.findall(r"'([a-z][a-z0-9_]*)':", reported.group(1)) if reported else []
+    known = ", ".join(n for n in names if n not in TUNE_RESULT_KEYS)
+    return ConfigError(
+        f"sweep.metric: the runs report no {metric!r}" + (f" (they report: {known})" if known else "")
+    )
+
+
+# Keys Tune adds to every result (not metrics of the runs).
+TUNE_RESULT_KEYS = {
+    "timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
+    "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
+    "iterations_since_restore", "checkpoint_path",
+}  # fmt: skip
 
 
 def _reports_per_trial(total_steps: int, eval_every: int) -> int:
