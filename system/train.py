@@ -379,6 +379,17 @@ def absolute_uris(cfg: JobConfig) -> JobConfig:
     return cfg
 
 
+def global_batch(cfg: JobConfig) -> int:
+    """Rows per optimizer step: batch size x workers x gradient accumulation."""
+    return cfg.train.batch_size * cfg.train.workers * cfg.train.accumulation_steps
+
+
+def planned_steps(cfg: JobConfig, rows: int) -> int:
+    """Optimizer steps a run takes when nothing stops it early (0: less than one step of data)."""
+    steps_per_epoch = rows // global_batch(cfg)
+    return (cfg.train.max_steps or steps_per_epoch * cfg.train.epochs) if steps_per_epoch else 0
+
+
 def plan_run(cfg: JobConfig, job: str) -> dict:
     """Everything checked and derived on the driver before any Ray work starts."""
     if not cfg.data.train:
@@ -410,14 +421,12 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
         raise ValueError(f"train.keep_best: {best} is measured on data.val; set data.val")
     if best in ("val_acc", "val_top5") and job == "pretrain" and cfg.objective.name != "supervised":
         raise ValueError(f"train.keep_best: {best} needs a classifier (finetune, or objective supervised)")
-    global_batch = cfg.train.batch_size * cfg.train.workers * cfg.train.accumulation_steps
-    steps_per_epoch = rows // global_batch
-    if steps_per_epoch == 0:
+    total_steps = planned_steps(cfg, rows)
+    if total_steps == 0:
         raise ValueError(
-            f"train.batch_size: {global_batch} rows per step (batch size x workers x accumulation) "
+            f"train.batch_size: {global_batch(cfg)} rows per step (batch size x workers x accumulation) "
             f"is more than the {rows} rows of data"
         )
-    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     backbone = create_backbone(cfg.model.name, cfg.model.kwargs)  # also checks name and kwargs
     pre = preprocessing_config(backbone, cfg.data.image_size)
     if job == "pretrain":  # builds the objective once: a mismatch with model or data fails here

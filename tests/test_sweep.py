@@ -264,12 +264,12 @@ def test_pareto_front_keeps_only_undominated_finished_trials():
 
 def test_planned_steps_count_gradient_accumulation_as_training_does():
     # A trial that ran its whole plan must not be listed as STOPPED by ASHA.
-    from tune.sweep import _planned_steps
+    from system.train import planned_steps
 
     cfg = build_config({"train": {"batch_size": 16, "workers": 2, "accumulation_steps": 4, "epochs": 3}})
-    assert _planned_steps(cfg, rows=1000) == 1000 // (16 * 2 * 4) * 3
+    assert planned_steps(cfg, rows=1000) == 1000 // (16 * 2 * 4) * 3
     cfg = build_config({"train": {"max_steps": 7, "accumulation_steps": 4}})
-    assert _planned_steps(cfg, rows=1000) == 7
+    assert planned_steps(cfg, rows=1000) == 7
 
 
 def test_a_metric_the_runs_do_not_report_is_one_config_line():

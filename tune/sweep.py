@@ -48,7 +48,15 @@ from ray.util.queue import Empty, Queue
 from system import storage
 from system.config import ConfigError, JobConfig, build_config, set_dotted
 from system.data import count_rows, read_classes
-from system.train import MetricsLogger, absolute_uris, build_trainer, plan_run, publish_result, train_storage
+from system.train import (
+    MetricsLogger,
+    absolute_uris,
+    build_trainer,
+    plan_run,
+    planned_steps,
+    publish_result,
+    train_storage,
+)
 from tune.ranks import describe, spectrum_prior
 from tune.report import finite as _finite
 from tune.report import format_table, pareto_front, pareto_png, sort_rows, to_csv
@@ -325,7 +333,7 @@ def leaderboard(grid, cfg: JobConfig, job: str) -> list[dict]:
                 key = (trial_cfg.data.train, trial_cfg.data.limit)
                 if key not in row_counts:
                     row_counts[key] = count_rows(*key)
-                planned = _planned_steps(trial_cfg, row_counts[key])
+                planned = planned_steps(trial_cfg, row_counts[key])
             status = "DONE" if steps is not None and steps >= planned else "STOPPED"
         rows.append(
             {
@@ -433,12 +441,6 @@ def _reports_per_trial(total_steps: int, eval_every: int) -> int:
     if not eval_every:
         return 1
     return total_steps // eval_every + (1 if total_steps % eval_every else 0)
-
-
-def _planned_steps(cfg: JobConfig, rows: int) -> int:
-    """Optimizer steps a trial runs when nothing stops it (as system.train.plan_run counts them)."""
-    global_batch = cfg.train.batch_size * cfg.train.workers * cfg.train.accumulation_steps
-    return cfg.train.max_steps or rows // global_batch * cfg.train.epochs
 
 
 def _max_concurrent(cfg: JobConfig) -> int:
