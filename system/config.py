@@ -100,11 +100,14 @@ class ObjectiveConfig(Section):
 
 class FinetuneConfig(Section):
     method: str = Field(
-        "lora", description="adaptation method: full | linear | norm | lora | dora | pissa | svfit"
+        "lora",
+        description="adaptation method: full | linear | norm | lora | dora | pissa | loha | ia3 | svfit",
     )
-    rank: int = Field(8, ge=1, le=1024, description="adapter rank (lora/dora/pissa; svfit if energy none)")
+    rank: int = Field(
+        8, ge=1, le=1024, description="adapter rank (lora/dora/pissa/loha; svfit if energy none)"
+    )
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; none = 2 x rank")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (loha: rank dropout)")
     target_modules: str | None = Field(
         None, description="regex of module names to adapt; none = the model family's default"
     )

@@ -17,7 +17,7 @@ from torch import nn
 from system.adapters import ADAPTERS, adapter_bytes, count_parameters, get_adapter, load_adapter
 from system.config import FinetuneConfig
 
-METHODS = ["full", "linear", "norm", "lora", "dora", "pissa", "svfit"]
+METHODS = ["full", "linear", "norm", "lora", "dora", "pissa", "loha", "ia3", "svfit"]
 MODELS = {
     # A ViT's default targets: qkv, proj, fc1, fc2 and the patch embedding's Conv2d `proj`.
     "vit": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}),
@@ -84,6 +84,10 @@ def expected_trainable(method: str, model: nn.Module, cfg: FinetuneConfig) -> in
         return lora(targets(model)) + sum(m.weight.shape[0] for m in targets(model).values())
     if method == "pissa":
         return lora(targets(model, linear_only=True))
+    if method == "loha":  # two LoRA pairs per target, multiplied elementwise
+        return 2 * lora(targets(model))
+    if method == "ia3":  # one scale per output, per input for a ViT's fc2
+        return sum(fan_in(m) if n.endswith(".fc2") else m.weight.shape[0] for n, m in targets(model).items())
     if method == "svfit":  # the fewest singular values holding `energy` of sum(S²), per target
         count = 0
         for module in targets(model).values():
@@ -165,7 +169,7 @@ def test_adapter_contract(method, model_name, options, images, tmp_path):
         torch.testing.assert_close(merged(images), after, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["lora", "svfit"])
+@pytest.mark.parametrize("method", ["lora", "loha", "svfit"])
 def test_rank_pattern_and_budget(method):
     """Per-module ranks by regex, and the global budget multiplier on top."""
     model = make("vit")
@@ -177,8 +181,9 @@ def test_rank_pattern_and_budget(method):
     per_rank = {n: fan_in(m) + m.weight.shape[0] for n, m in targets(model).items()}
     if method == "svfit":
         assert count_parameters(adapted)[0] == sum(ranks.values())
-    else:
-        assert count_parameters(adapted)[0] == sum(ranks[n] * per_rank[n] for n in ranks)
+    else:  # LoHa: two LoRA pairs per target
+        pairs = 2 if method == "loha" else 1
+        assert count_parameters(adapted)[0] == pairs * sum(ranks[n] * per_rank[n] for n in ranks)
 
 
 def test_svfit_keeps_the_energy_share():

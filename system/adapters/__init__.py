@@ -118,8 +118,7 @@ def load_adapter(backbone: nn.Module, folder: str | Path) -> nn.Module:
     if (folder / ADAPTER_JSON).is_file():
         method = json.loads((folder / ADAPTER_JSON).read_text())["method"]
     elif (folder / "adapter_config.json").is_file():
-        method = json.loads((folder / "adapter_config.json").read_text()).get("repforge_method", "lora")
-        method = method if method in ADAPTERS else "lora"
+        method = "lora"  # peft's loader, for every peft method: it reads the type from the config
     else:
         raise ValueError(f"not an adapter folder (no {ADAPTER_JSON} or adapter_config.json): {folder}")
     loader = get_adapter(method).load_adapter

@@ -1,4 +1,4 @@
-"""LoRA (Hu et al., 2021) through HF peft on a timm backbone; dora.py and pissa.py reuse it.
+"""LoRA (Hu et al., 2021) through HF peft on a timm backbone; dora, pissa, loha and ia3 reuse it.
 
 peft wraps the backbone (PeftModel) and injects low-rank A/B matrices into the target
 modules; everything else is frozen. The adapter saves in peft's own format and merges
@@ -28,27 +28,31 @@ def module_ranks(backbone: nn.Module, cfg, linear_only: bool = False) -> dict[st
     return ranks
 
 
-def lora_config(backbone: nn.Module, cfg, linear_only: bool = False, **extra):
-    """A peft LoraConfig with explicit per-module ranks (exact names), so peft and we agree on them."""
-    from peft import LoraConfig
+def rank_options(backbone: nn.Module, cfg, linear_only: bool = False) -> dict:
+    """peft's rank options with explicit per-module ranks (exact names), so peft and we agree on them.
 
+    Shared by the peft methods with a rank (LoRA's config names alpha `lora_alpha`, LoHa's `alpha`).
+    """
     ranks = module_ranks(backbone, cfg, linear_only)
     if not ranks:
         raise ValueError(f"finetune.target_modules: no Linear layer among the targets of {cfg.method}")
     base = scaled(cfg.rank, cfg)
     pattern = {re.escape(name): r for name, r in ranks.items() if r != base}
     # alpha = 2 x rank by default: the update's scale (alpha / r) stays the same at every rank.
-    alpha = cfg.alpha or 2 * base
-    alpha_pattern = {} if cfg.alpha else {key: 2 * r for key, r in pattern.items()}
-    return LoraConfig(
-        r=base,
-        lora_alpha=alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=sorted(ranks),
-        rank_pattern=pattern,
-        alpha_pattern=alpha_pattern,
-        **extra,
-    )
+    return {
+        "r": base,
+        "alpha": cfg.alpha or 2 * base,
+        "target_modules": sorted(ranks),
+        "rank_pattern": pattern,
+        "alpha_pattern": {} if cfg.alpha else {key: 2 * r for key, r in pattern.items()},
+    }
+
+
+def lora_config(backbone: nn.Module, cfg, linear_only: bool = False, **extra):
+    from peft import LoraConfig
+
+    options = rank_options(backbone, cfg, linear_only)
+    return LoraConfig(lora_alpha=options.pop("alpha"), lora_dropout=cfg.dropout, **options, **extra)
 
 
 def merge_peft(backbone):
@@ -72,4 +76,4 @@ def apply_lora(backbone, cfg):
     return get_peft_model(backbone, lora_config(backbone, cfg))
 
 
-from system.adapters import dora, pissa  # noqa: E402,F401  (variants built on lora_config)
+from system.adapters import dora, ia3, loha, pissa  # noqa: E402,F401  (peft methods built on this file)
