@@ -182,8 +182,9 @@ class RetrieverDeployment:
     Searches and the changes of an add or remove run on the replica's event loop without
     awaiting, so a search never sees a half-applied change. Only saving the changed index
     awaits (in a thread, so searches go on during a long write), under a lock that keeps
-    the next change from touching the index while it is being written. A swap keeps the
-    previous index so queries embedded by the previous model still find their match.
+    the next change from touching the index while it is being written. A swap to another
+    model's index keeps the previous index, so queries embedded by the previous model still
+    find their match (two indexes in memory until the next swap).
     """
 
     def __init__(self, persist: bool = True):
@@ -212,7 +213,10 @@ class RetrieverDeployment:
             log.error("refused index swap: %s", message)
             self.refused = message
             return
-        self.previous, self.current, self.refused = self.current, index, None
+        # The previous index serves queries embedded by the previous model, until they drain;
+        # a swap that keeps the model could never use it, so its memory is freed at once.
+        keep = self.current is not None and index.fingerprint not in (None, self.current.fingerprint)
+        self.previous, self.current, self.refused = self.current if keep else None, index, None
 
     async def info(self) -> dict:
         return {**self.current.info(), "uri": self.current.uri, "refused_swap": self.refused}

@@ -460,3 +460,26 @@ def test_killed_replica_under_load(live):
     while len(replica_actors("EmbedderDeployment")) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert live.client.get("/v1/health").json() == {"status": "ok"}
+
+
+def test_retriever_keeps_the_previous_index_only_for_another_model(live):
+    """Across a model swap the old index answers the old model's queries; otherwise it is freed."""
+    import asyncio
+
+    from serve.deployments import RetrieverDeployment, VersionMismatch
+
+    retriever = RetrieverDeployment.func_or_class(persist=False)  # the plain class under the deployment
+    model = {name: str(live.root / f"model{name}") for name in "AB"}
+    fingerprint = {name: live.metas[name]["fingerprint"] for name in "AB"}
+
+    async def scenario():
+        await retriever.reconfigure({"model": model["A"], "index": live.shards["A"][0]})
+        await retriever.reconfigure({"model": model["B"], "index": live.shards["B"][0]})
+        old = await retriever.search(live.vectors["A"][:1], 1, fingerprint["A"])
+        assert old["hits"][0][0]["id"] == live.ids[0]  # row 0 is in shard 0, found by model A's index
+        await retriever.reconfigure({"model": model["B"], "index": live.shards["B"][1]})
+        assert retriever.previous is None  # same model: nothing could still need the old index
+        with pytest.raises(VersionMismatch):
+            await retriever.search(live.vectors["A"][:1], 1, fingerprint["A"])
+
+    asyncio.run(scenario())
