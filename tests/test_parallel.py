@@ -18,8 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from system.adapters import get_adapter
 from system.checkpoint import full_model_state, load_checkpoint, save_checkpoint
-from system.config import ObjectiveConfig, TrainConfig
+from system.config import FinetuneConfig, ObjectiveConfig, TrainConfig
 from system.objectives.simclr import SimCLR, nt_xent
 from system.parallel import apply_fsdp, residual_blocks
 
@@ -52,10 +53,12 @@ def tiny_vit() -> nn.Module:
 class Module(nn.Module):
     """Backbone + SimCLR objective, the shape of system.train.TrainModule."""
 
-    def __init__(self):
+    def __init__(self, method: str | None = None):
         super().__init__()
         torch.manual_seed(0)
         self.backbone = tiny_vit()
+        if method:  # a fine-tuning method: most of the backbone frozen, maybe inside a peft wrapper
+            self.backbone = get_adapter(method).apply(self.backbone, FinetuneConfig(method=method, rank=4))
         self.objective = SimCLR(self.backbone.num_features, ObjectiveConfig(proj_dim=16))
 
     def forward(self, batch):
@@ -73,7 +76,7 @@ def local_part(batch: dict, rank: int, world: int) -> dict:
 
 def train_steps(model, batches, rank, world) -> list[float]:
     """SGD steps (deterministic, no optimizer state to compare); returns the global loss per step."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     losses = []
     for batch in batches:
         loss, _ = model(local_part(batch, rank, world))
@@ -112,8 +115,8 @@ def test_distributed_nt_xent_equals_single_process(tmp_path):
     torch.testing.assert_close(grads, z1.grad, rtol=1e-4, atol=1e-6)
 
 
-def _strategy_worker(rank, world, strategy, out):
-    model = Module()
+def _strategy_worker(rank, world, strategy, out, method=None):
+    model = Module(method)
     if strategy == "ddp":
         model = nn.parallel.DistributedDataParallel(model)
     else:
@@ -122,6 +125,23 @@ def _strategy_worker(rank, world, strategy, out):
     state = full_model_state(model)
     if rank == 0:
         torch.save({"losses": losses, "state": state}, Path(out) / f"{strategy}.pt")
+
+
+@pytest.mark.parametrize("method", ["lora", "svfit"])
+def test_fsdp_with_a_frozen_backbone_matches_single_process(method, tmp_path):
+    """FSDP2 shards blocks that mix frozen base weights and trained adapter weights."""
+    single = Module(method)
+    frozen = {k: v.clone() for k, v in single.state_dict().items()}
+    single_losses = train_steps(single, global_batches(), 0, 1)
+    spawn(_strategy_worker, WORLD, "fsdp", str(tmp_path), method)
+    result = torch.load(tmp_path / "fsdp.pt")
+    assert result["losses"] == pytest.approx(single_losses, rel=1e-4)
+    moved = 0
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(result["state"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+        moved += not torch.equal(value, frozen[key])
+    trainable = sum(p.requires_grad for p in single.parameters())
+    assert 0 < moved <= trainable  # the adapter and head trained, the frozen weights did not
 
 
 def test_fsdp_and_ddp_match_single_process(tmp_path):
