@@ -30,6 +30,10 @@ class VersionMismatch(ValueError):
     """Vectors from one model met an index (or prototypes) built from another; retry after a swap."""
 
 
+class InvalidImage(ValueError):
+    """A posted image whose header reads but whose payload does not decode (truncated, corrupt)."""
+
+
 class PrefixDimError(ValueError):
     """A Matryoshka `dim` the index cannot search with (not trained, or not an inner-product index)."""
 
@@ -88,6 +92,20 @@ def load_version(uri: str, device: str) -> ModelVersion:
     return ModelVersion(uri, model, meta, eval_transform(meta["preprocessing"]), class_names)
 
 
+def decode_request(images: list[bytes], transform) -> np.ndarray:
+    """images_to_tensor, or InvalidImage naming the first image that does not decode."""
+    from system.data import check_image
+
+    try:
+        return images_to_tensor(images, transform, decode_threads())
+    except Exception:
+        for i, data in enumerate(images):
+            reason = check_image(data)
+            if reason is not None:
+                raise InvalidImage(f"image {i}: {reason}") from None
+        raise  # every image decodes: the failure is ours, not the input's
+
+
 def _images_in(items: list[tuple]) -> int:
     # Batches are sized in images, not requests: one request may carry many images.
     return sum(len(tensor) for _, tensor in items)
@@ -144,8 +162,10 @@ class EmbedderDeployment:
         return {"predictions": predictions, "model": version.fingerprint, "batches": batches}
 
     async def _run(self, version: ModelVersion, images: list[bytes], batched) -> tuple[np.ndarray, list[int]]:
-        # Decoding and resizing stay off the event loop so the batcher keeps collecting.
-        decode = functools.partial(images_to_tensor, images, version.transform, decode_threads())
+        # Decoding and resizing stay off the event loop so the batcher keeps collecting. This is
+        # each image's only full decode (the ingress reads headers only); a bad one fails just
+        # this request, before it joins a batch.
+        decode = functools.partial(decode_request, images, version.transform)
         tensor = torch.from_numpy(await asyncio.to_thread(decode))
         # A request larger than one batch is split; each chunk queues like a small request.
         chunks = torch.split(tensor, self.max_batch_size)

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from serve import auth, metrics
 from serve.classes import knn_vote
-from serve.deployments import PrefixDimError, VersionMismatch
+from serve.deployments import InvalidImage, PrefixDimError, VersionMismatch
 from serve.parsing import ApiError, pydantic_message, query_vectors, read_query, resolve_k
 from serve.schemas import (
     AppArgs,
@@ -136,6 +136,8 @@ async def call(method, *args, deadline: float):
             return await method.remote(*args)
         except BackPressureError:
             raise ApiError(503, "overloaded", "the server is at capacity; retry later") from None
+        except InvalidImage as err:
+            raise ApiError(400, "invalid_image", _cause(err)) from None
         except VersionMismatch as err:
             # A swap is half applied (the model moved, the index not yet): it settles in seconds.
             if time.monotonic() > deadline:

@@ -146,19 +146,24 @@ def too_many_pixels(data: bytes, max_pixels: int) -> str | None:
 
 
 def check_images(images: list[bytes], max_pixels: int) -> None:
-    """Header sizes first (a decompression bomb is never decoded), then a full decode of each."""
+    """Header checks only: a decompression bomb or a non-image is refused before any decode.
+
+    A payload with a valid header can still be truncated; that shows in the one full
+    decode, in the embedder, which answers InvalidImage for it (a 400 as well).
+    """
     for i, data in enumerate(images):
         reason = too_many_pixels(data, max_pixels)
         if reason is not None:
             raise ApiError(413, "too_many_pixels", f"image {i}: {reason}")
     for i, data in enumerate(images):
-        reason = check_image(data)  # truncated payloads only fail in a full decode
+        # No header PIL knows: check_image fails fast on it, with the reason.
+        reason = check_image(data) if header_size(data) is None else None
         if reason is not None:
             raise ApiError(400, "invalid_image", f"image {i}: {reason}")
 
 
 async def read_query(request: Request, schema, args: AppArgs) -> ParsedQuery:
-    """Body -> validated query: within limits, every image decodable (so replicas never see a bad one)."""
+    """Body -> validated query: within limits, every image with a readable header of allowed size."""
     body = await read_body(request, args.max_body_bytes)
     if not body:
         raise ApiError(400, "empty_body", "empty body: send multipart parts named 'image' or a JSON object")
@@ -180,7 +185,7 @@ async def read_query(request: Request, schema, args: AppArgs) -> ParsedQuery:
                 413, f"too_many_{name}", f"{len(items)} {name}: at most {args.max_images} per request"
             )
     if query.images is not None:
-        # Off the event loop: decoding is CPU work and the ingress serves other requests meanwhile.
+        # Off the event loop: header parsing is CPU work and the ingress serves other requests meanwhile.
         await asyncio.to_thread(check_images, query.images, args.max_image_pixels)
     return query
 
