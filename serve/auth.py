@@ -17,7 +17,7 @@ import os
 from system import storage
 
 TOKEN_ENV = "REPFORGE_API_TOKEN"
-OPEN_PATHS = frozenset({"/v1/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+OPEN_PATHS = frozenset({"/v1/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 class TokenError(ValueError):

@@ -34,10 +34,19 @@ class DataError(ValueError):
     """A user error about a dataset: the message is one line."""
 
 
-def dataset_schema(with_label: bool, classes: list[str] | None, extra: dict | None = None) -> pa.Schema:
+def dataset_schema(
+    with_label: bool, classes: list[str] | None, extra: dict | None = None, columns: list | None = None
+) -> pa.Schema:
+    """The contract's schema; `columns`: further pyarrow fields, kept as metadata columns."""
     fields = [pa.field("id", pa.string()), pa.field("image", pa.binary())]
     if with_label:
         fields.append(pa.field("label", pa.int16()))
+    fields += columns or []
+    bad = [name for name in classes or [] if "," in name]
+    if bad:  # the `classes` metadata is comma-separated: a comma would shift every later name
+        raise DataError(
+            f"class name {bad[0]!r} holds a comma; rename it (class names are stored comma-separated)"
+        )
     metadata = {"classes": ",".join(classes or [])}
     metadata.update(extra or {})
     return pa.schema(fields, metadata=metadata)
@@ -76,7 +85,7 @@ def _image_files(folder: Path) -> list[Path]:
     )
 
 
-def _from_folder(src: Path) -> tuple[list[str] | None, Iterator[tuple[str, bytes, int | None]]]:
+def _from_folder(src: Path) -> tuple[list[str] | None, Iterator[tuple[str, bytes, int | None, dict]]]:
     """ImageFolder (one subfolder per class) when the top level has folders and no images, else flat.
 
     Top-level files that are not images (a README, a licence) do not turn an ImageFolder flat.
@@ -90,13 +99,13 @@ def _from_folder(src: Path) -> tuple[list[str] | None, Iterator[tuple[str, bytes
         def rows():
             for label, folder in enumerate(class_dirs):
                 for path in _image_files(folder):
-                    yield path.relative_to(src).as_posix(), path.read_bytes(), label
+                    yield path.relative_to(src).as_posix(), path.read_bytes(), label, {}
 
         return classes, rows()
 
     def flat_rows():
         for path in _image_files(src):
-            yield path.relative_to(src).as_posix(), path.read_bytes(), None
+            yield path.relative_to(src).as_posix(), path.read_bytes(), None, {}
 
     return None, flat_rows()
 
@@ -120,11 +129,14 @@ def _from_parquet(src: str, image_col: str, label_col: str | None, id_col: str |
         id_col = "id"
     if id_col is not None and id_col not in names:
         raise DataError(f"--id-col: no column {id_col!r} in {src}")
-    meta = schema.metadata or {}
-    classes = meta[b"classes"].decode().split(",") if meta.get(b"classes") else None
-    if classes == [""]:
-        classes = None
-    columns = [c for c in (id_col, image_col, label_col) if c]
+    classes = _parquet_class_names(schema, label_col)
+    if label_col and classes is None:  # labels without names: name them by their number
+        top = max(pq.read_table(f, columns=[label_col])[label_col].to_numpy().max(initial=0) for f in files)
+        classes = [str(i) for i in range(int(top) + 1)]
+    # Every other column is metadata, carried into embeddings and search hits (the
+    # contract's own names cannot be reused for it).
+    kept = [schema.field(c) for c in names if c not in (id_col, image_col, label_col, "id", "image", "label")]
+    columns = [c for c in (id_col, image_col, label_col) if c] + [f.name for f in kept]
 
     def rows():
         position = 0
@@ -137,9 +149,24 @@ def _from_parquet(src: str, image_col: str, label_col: str | None, id_col: str |
                     row_id = str(data[id_col][i]) if id_col else f"{position:09d}"
                     label = data[label_col][i] if label_col else None
                     position += 1
-                    yield row_id, image, None if label is None else int(label)
+                    extra = {f.name: data[f.name][i] for f in kept}
+                    yield row_id, image, None if label is None else int(label), extra
 
-    return classes, rows(), label_col is not None
+    return classes, rows(), label_col is not None, kept
+
+
+def _parquet_class_names(schema: pa.Schema, label_col: str | None) -> list[str] | None:
+    """Class names from our `classes` metadata, or from a Hugging Face dataset's ClassLabel."""
+    meta = schema.metadata or {}
+    if meta.get(b"classes"):
+        return meta[b"classes"].decode().split(",")
+    if label_col and meta.get(b"huggingface"):
+        try:
+            features = json.loads(meta[b"huggingface"])["info"]["features"]
+            return list(features[label_col]["names"])
+        except (KeyError, TypeError, ValueError):
+            return None
+    return None
 
 
 def ingest(
@@ -166,14 +193,14 @@ def ingest(
         or str(src).endswith(".parquet")
         or (Path(src).is_dir() and any(Path(src).glob("*.parquet")))
     ):
-        classes, rows, with_label = _from_parquet(src, image_col, label_col, id_col)
+        classes, rows, with_label, kept = _from_parquet(src, image_col, label_col, id_col)
     elif Path(src).is_dir():
         classes, rows = _from_folder(Path(src))
-        with_label = classes is not None
+        with_label, kept = classes is not None, []
     else:
         raise DataError(f"not an image folder or Parquet: {src}")
 
-    schema = dataset_schema(with_label, classes, {"source": str(src)})
+    schema = dataset_schema(with_label, classes, {"source": str(src)}, kept)
     seen: set[str] = set()
     buffer: dict[str, list] = {name: [] for name in schema.names}
     counts = {"rows": 0, "rejected": 0, "shards": 0}
@@ -192,7 +219,7 @@ def ingest(
             for values in buffer.values():
                 values.clear()
 
-        for row_id, image, label in tqdm(rows, desc="ingest", unit="img", disable=not progress):
+        for row_id, image, label, extra in tqdm(rows, desc="ingest", unit="img", disable=not progress):
             if row_id in seen:
                 raise DataError(f"duplicate id {row_id!r} in {src}")
             seen.add(row_id)
@@ -206,6 +233,8 @@ def ingest(
             buffer["image"].append(image)
             if with_label:
                 buffer["label"].append(label)
+            for name, value in extra.items():
+                buffer[name].append(value)
             counts["rows"] += 1
             if len(buffer["id"]) >= shard_rows:
                 flush()
@@ -224,6 +253,29 @@ def read_classes(uri: str) -> list[str]:
     meta = pq.read_schema(storage.parquet_files(uri)[0]).metadata or {}
     text = meta.get(b"classes", b"").decode()
     return text.split(",") if text else []
+
+
+def check_dataset(uri: str, need_label: bool = False) -> list[str]:
+    """The dataset's class names, after checking its schema is the dataset contract's.
+
+    Reads one file's schema, no rows: called before any Ray work, so a wrong folder (an
+    embeddings folder, another table) is one line here, not a traceback from a worker.
+    """
+    schema = pq.read_schema(storage.parquet_files(uri)[0])
+    expected = {"id": pa.types.is_string, "image": pa.types.is_binary}
+    if need_label:
+        expected["label"] = pa.types.is_integer
+    for name, is_type in expected.items():
+        if name not in schema.names or not is_type(schema.field(name).type):
+            found = schema.field(name).type if name in schema.names else "missing"
+            kind = "a labelled dataset" if need_label else "a dataset"
+            needs = "id (string), image (binary)" + (", label (integer)" if need_label else "")
+            hint = ""
+            if "embedding" in schema.names:
+                hint = " (this is an embeddings folder: pass the dataset it was embedded from)"
+            message = f"{uri} is not {kind}: column {name!r} is {found}, the contract needs {needs}"
+            raise DataError(message + hint)
+    return read_classes(uri)
 
 
 def info(uri: str, sample: int = 200) -> dict:

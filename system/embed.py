@@ -175,12 +175,12 @@ def run_embed(
     """
     import ray
 
-    from system.data import read_classes
+    from system.data import check_dataset
     from system.models import read_meta
 
     model_uri, data_uri, out_uri = (storage.normalize(u) for u in (model_uri, data_uri, out_uri))
     meta = read_meta(model_uri)  # fails fast, before Ray, on a bad artifact
-    classes = read_classes(data_uri)
+    classes = check_dataset(data_uri)
     if storage.exists(out_uri) and not overwrite:
         raise storage.StorageError(f"output exists: {out_uri} (pass --overwrite to replace it)")
     if limit is not None and limit < 1:

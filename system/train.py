@@ -32,7 +32,15 @@ from system import storage
 from system.adapters import adapter_bytes, get_adapter, parameter_report
 from system.checkpoint import full_model_state, load_checkpoint, save_checkpoint
 from system.config import JobConfig
-from system.data import balance_rows, class_repeats, count_rows, read_classes, read_dataset, read_table
+from system.data import (
+    DataError,
+    balance_rows,
+    check_dataset,
+    class_repeats,
+    count_rows,
+    read_dataset,
+    read_table,
+)
 from system.metrics import knn_accuracy, rankme, uniformity
 from system.models import Embedder, create_backbone, read_meta, write_artifact
 from system.objectives import get_objective, nested_dims
@@ -403,11 +411,14 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
         get_adapter(cfg.finetune.method)
     else:
         get_objective(cfg.objective.name)
+    labelled = job == "finetune" or cfg.objective.name == "supervised"
     try:
-        classes = read_classes(cfg.data.train)
+        classes = check_dataset(cfg.data.train, need_label=labelled)
         rows = count_rows(cfg.data.train, cfg.data.limit)
     except storage.StorageError as err:
         raise storage.StorageError(f"data.train: {err}") from None
+    except DataError as err:
+        raise DataError(f"data.train: {err}") from None
     if cfg.data.balance and len(classes) < 2:
         raise ValueError(f"data.balance: class-balanced sampling needs labelled data ({cfg.data.train})")
     if cfg.data.balance and job == "finetune" and cfg.finetune.closed_form:
@@ -416,6 +427,11 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
         raise ValueError(f"data.train: fine-tuning needs labelled data with class names ({cfg.data.train})")
     if cfg.data.val and not storage.exists(cfg.data.val):
         raise storage.StorageError(f"data.val: no such dataset: {cfg.data.val}")
+    if cfg.data.val:
+        try:
+            check_dataset(cfg.data.val, need_label=labelled)
+        except DataError as err:
+            raise DataError(f"data.val: {err}") from None
     best = cfg.train.keep_best
     if best not in (None, "loss") and not cfg.data.val:
         raise ValueError(f"train.keep_best: {best} is measured on data.val; set data.val")

@@ -106,6 +106,7 @@ BAD_INPUTS = {
     "data info missing": (["data", "info", "/nope"], "/nope"),
     "ingest missing": (["data", "ingest", "/nope", "--out", "/tmp/x"], "/nope"),
     "serve missing model": (["serve", "--model", "/nope"], "/nope"),
+    "serve bad limit": (["serve", "--model", "/nope", "--max-k", "0"], "max_k"),
     "quickstart bad set": (["quickstart", "--set", "train.bogus=1"], "train.bogus"),
 }
 
@@ -159,3 +160,51 @@ def test_module_entry_point_exit_code():
     )
     assert done.returncode == 2
     assert done.stderr.strip() == "repforge: error: train.nope: unknown key"
+
+
+def test_a_table_that_is_not_the_dataset_is_one_line_before_ray(tmp_path, capsys, digits_data):
+    """An embeddings folder, or unlabelled images where labels are needed, fail before any Ray work."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from system import storage
+
+    table = pq.read_table(storage.parquet_files(digits_data[0]))
+    (tmp_path / "emb").mkdir()
+    (tmp_path / "unlabelled").mkdir()
+    vectors = pa.array([[0.0, 1.0]] * 4, pa.list_(pa.float32()))
+    pq.write_table(pa.table({"id": table["id"][:4], "embedding": vectors}), tmp_path / "emb" / "part.parquet")
+    pq.write_table(table.drop(["label"]), tmp_path / "unlabelled" / "part.parquet")
+    quickstart = ["--config", "configs/quickstart.yaml", "--set", f"data.val={digits_data[1]}"]
+    cases = [
+        (["finetune", *quickstart, "--set", f"data.train={tmp_path / 'emb'}"], "embeddings folder"),
+        (["pretrain", *quickstart, "--set", f"data.train={tmp_path / 'emb'}"], "column 'image' is missing"),
+        (
+            [
+                "pretrain",
+                *quickstart,
+                "--set",
+                "objective.name=supervised",
+                "--set",
+                f"data.train={tmp_path}/unlabelled",
+            ],
+            "column 'label' is missing",
+        ),
+    ]
+    for argv, named in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("repforge: error: data.train: ") and named in err[0], err
+
+
+def test_serve_flags_are_the_app_settings():
+    """Every scalar AppArgs field is a `repforge serve` flag; unset ones keep the app's default."""
+    from serve.schemas import AppArgs
+    from system.cli import app_settings
+
+    args = build_parser().parse_args(
+        ["serve", "--model", "m", "--max-k", "5", "--replica-cpus", "0.5", "--no-persist-items"]
+    )
+    settings = app_settings(args)
+    assert settings == {"max_k": 5, "replica_cpus": 0.5, "persist_items": False}
+    assert AppArgs(model="m", **settings).max_images == AppArgs(model="m").max_images

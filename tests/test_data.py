@@ -204,7 +204,8 @@ def test_ingest_parquet_with_other_column_names(tmp_path):
 
     assert summary["rows"] == 6 and summary["classes"] == CLASSES
     table = read_table(out)
-    assert table.column_names == ["id", "image", "label"]
+    assert table.column_names == ["id", "image", "label", "note"]  # other columns stay, as metadata
+    assert table.column("note").to_pylist() == ["x"] * 6
     assert table.column("id").to_pylist() == [f"k{i}" for i in range(6)]
     assert table.column("image").to_pylist() == images
     assert table.column("label").to_pylist() == [0, 1, 2, 0, 1, 2]
@@ -215,14 +216,34 @@ def test_ingest_parquet_huggingface_image_struct(tmp_path):
     images = [image_bytes(i) for i in range(3)]
     structs = [{"bytes": data, "path": f"{i}.png"} for i, data in enumerate(images)]
     src = write_parquet(tmp_path / "hf.parquet", {"img": structs, "label": [1, 0, 1]})
+    # What `datasets` writes: the ClassLabel's names in the schema's "huggingface" metadata.
+    features = {"img": {"_type": "Image"}, "label": {"_type": "ClassLabel", "names": ["cat", "dog"]}}
+    hf_meta = json.dumps({"info": {"features": features}})
+    pq.write_table(pq.read_table(src).replace_schema_metadata({"huggingface": hf_meta}), src)
     out = tmp_path / "out"
     summary = ingest(str(src), str(out), image_col="img", progress=False)
 
     assert summary["rows"] == 3  # label picked up by its default name
+    assert summary["classes"] == read_classes(str(out)) == ["cat", "dog"]
     table = read_table(out)
     assert table.column("image").to_pylist() == images
     assert table.column("label").to_pylist() == [1, 0, 1]
     assert len(set(table.column("id").to_pylist())) == 3  # positional ids when there is no id column
+
+
+def test_ingest_names_unnamed_labels_by_number(tmp_path):
+    images = [image_bytes(i) for i in range(3)]
+    src = write_parquet(tmp_path / "src.parquet", {"image": images, "label": [0, 2, 2]})
+    summary = ingest(str(src), str(tmp_path / "out"), progress=False)
+    assert summary["classes"] == read_classes(str(tmp_path / "out")) == ["0", "1", "2"]
+
+
+def test_ingest_refuses_a_class_name_with_a_comma(image_folder, tmp_path):
+    root, _ = image_folder
+    (root / CLASSES[0]).rename(root / "New York, NY")
+    with pytest.raises(DataError, match="'New York, NY' holds a comma"):
+        ingest(str(root), str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_ingest_duplicate_id_fails_and_leaves_nothing(tmp_path):
