@@ -317,10 +317,16 @@ def read_dataset(uri: str, limit: int | None = None, columns: list[str] | None =
     return ds.limit(limit) if limit else ds
 
 
-def read_table(uri: str, limit: int | None = None) -> pa.Table:
+def read_table(uri: str, limit: int | None = None, columns: list[str] | None = None) -> pa.Table:
     """The whole dataset at `uri` as one Arrow table, read in this process (small datasets)."""
-    table = pa.concat_tables(pq.read_table(f) for f in storage.parquet_files(uri))
+    table = pa.concat_tables(pq.read_table(f, columns=columns) for f in storage.parquet_files(uri))
     return table.slice(0, limit) if limit else table
+
+
+def training_columns(uri: str) -> list[str]:
+    """The columns training reads: id, image and label when present, not the metadata columns."""
+    names = pq.read_schema(storage.parquet_files(uri)[0]).names
+    return [name for name in ("id", "image", "label") if name in names]
 
 
 def count_rows(uri: str, limit: int | None = None) -> int:

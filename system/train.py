@@ -40,6 +40,7 @@ from system.data import (
     count_rows,
     read_dataset,
     read_table,
+    training_columns,
 )
 from system.metrics import knn_accuracy, rankme, uniformity
 from system.models import Embedder, create_backbone, read_meta, write_artifact
@@ -539,9 +540,10 @@ def cached_input(uri: str, limit: int | None, cache_mb: float):
     cache: each epoch sees new augmentations.
     """
     store_bytes = ray.cluster_resources().get("object_store_memory", 0)
+    columns = training_columns(uri)
     if storage.parquet_bytes(uri) > min(cache_mb * 2**20, store_bytes / 4):
-        return read_dataset(uri, limit)
-    return ray.data.from_arrow(read_table(uri, limit))
+        return read_dataset(uri, limit, columns)
+    return ray.data.from_arrow(read_table(uri, limit, columns))
 
 
 def input_datasets(cfg: JobConfig, job: str, pre: dict) -> dict:
