@@ -36,6 +36,9 @@ def base_tree(**space) -> dict:
         ({"finetune.rank": {"choice": [4, 0]}}, "finetune.rank", "greater than or equal"),
         ({"train.lr": {"uniform": [1e-3, 20]}}, "train.lr", "less than or equal"),
         ({"run.name": {"choice": ["a", "b"]}}, "run.name", "cannot be searched"),
+        ({"finetune.method": {"choice": ["lora", "dorra"]}}, "finetune.method", "unknown method 'dorra'"),
+        ({"objective.name": {"grid": ["simclr", "byol2"]}}, "objective.name", "unknown objective"),
+        ({"model.name": {"choice": ["test_vit", "vit_tinyy"]}}, "model.name", "unknown timm model"),
     ],
 )
 def test_invalid_space_names_the_key(space, key, words):

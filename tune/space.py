@@ -83,10 +83,28 @@ def validate_space(cfg: JobConfig, space: dict | None = None) -> dict[str, list]
             tree = copy.deepcopy(base)
             try:
                 set_dotted(tree, key, value)
-                build_config(tree)
+                _check_names(build_config(tree), key)
             except ConfigError as err:
                 raise ConfigError(f"sweep.space.{key}: {value!r} is not valid ({err})") from None
     return tried
+
+
+def _check_names(cfg: JobConfig, key: str) -> None:
+    """Names the config cannot check itself (registries, timm's models), when `key` sets one."""
+    import timm
+
+    from system.adapters import get_adapter
+    from system.objectives import get_objective
+
+    if key == "model.name" and not timm.is_model(cfg.model.name):
+        raise ConfigError(f"model.name: unknown timm model {cfg.model.name!r}")
+    try:
+        if key == "finetune.method":
+            get_adapter(cfg.finetune.method)
+        if key == "objective.name":
+            get_objective(cfg.objective.name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def tune_space(space: dict) -> dict:
