@@ -2,7 +2,8 @@
 
 Artifacts are written to a local temporary folder and published whole. On a local or
 shared filesystem it is renamed into place (atomic: a crash mid-write never leaves a half
-artifact there). Object stores have no rename: the folder is uploaded only once it is
+artifact there); an existing folder is swapped with the new one in one step on Linux
+(renameat2), so readers always find one whole version at the path. Object stores have no rename: the folder is uploaded only once it is
 complete, but an upload cut short (or an overwrite, which deletes the old copy first) can
 leave the destination incomplete; rerun the command with --overwrite.
 """
@@ -113,13 +114,33 @@ def publish_dir(dest: str, overwrite: bool = False):
         shutil.rmtree(staging, ignore_errors=True)
     else:
         target = local_path(dest)
-        old = None
-        if target.exists():
+        if not target.exists():
+            staging.rename(target)
+        elif _exchange(staging, target):  # staging now holds the old version
+            shutil.rmtree(staging, ignore_errors=True)
+        else:  # two renames: for a moment nothing is at `target`
             old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
             target.rename(old)
-        staging.rename(target)
-        if old is not None:
+            staging.rename(target)
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported.
+
+    Replacing a folder otherwise takes two renames, and a reader (or a crash) between them
+    finds nothing at the path; the retriever replaces its index folder on every change.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # not Linux, or a libc without it
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, bytes(a), at_fdcwd, bytes(b), rename_exchange) == 0
 
 
 def download_dir(uri: str) -> Path:

@@ -7,6 +7,9 @@ which is what makes ties and approximate search show up. Everything runs real FA
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -307,3 +310,35 @@ def test_build_tasks_pinned_to_the_driver_node_run_there(ray_local):
 
     nodes = _ray_map(node_of_task, [(), (), ()], on_driver_node=True)
     assert set(nodes) == {ray.get_runtime_context().get_node_id()}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="renameat2(RENAME_EXCHANGE) is Linux's")
+def test_replacing_an_artifact_never_leaves_its_path_empty(tmp_path):
+    """Another process reading while a folder is replaced 300 times never finds it missing.
+
+    (With two renames, old folder away and new one in, a reader on this 2-core machine
+    found the path empty 566 times in one such run.)
+    """
+    target, stop = tmp_path / "artifact", tmp_path / "stop"
+    with storage.publish_dir(str(target)) as staging:
+        (staging / "v").write_text("0")
+    watch = f"""
+import os
+misses = reads = 0
+while not os.path.exists({str(stop)!r}):
+    reads += 1
+    misses += not os.path.exists({str(target / "v")!r})
+print(misses, reads)
+"""
+    reader = subprocess.Popen([sys.executable, "-c", watch], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)  # the reader is polling before the first replacement
+        for i in range(1, 301):
+            with storage.publish_dir(str(target), overwrite=True) as staging:
+                (staging / "v").write_text(str(i))
+    finally:
+        stop.touch()
+        misses, reads = map(int, reader.communicate(timeout=60)[0].split())
+    assert reads > 1000 and misses == 0
+    assert (target / "v").read_text() == "300"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact", "stop"]  # no old copy left
