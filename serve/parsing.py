@@ -24,7 +24,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from serve.schemas import AppArgs
-from system.data import check_image
+from system.data import IMAGE_FORMATS, check_image
 
 
 class ApiError(Exception):
@@ -145,8 +145,17 @@ def too_many_pixels(data: bytes, max_pixels: int) -> str | None:
     return None
 
 
+def header_format(data: bytes) -> str | None:
+    """PIL's name of the image format ("JPEG", "PNG", ...) from the header, or None."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format
+    except Exception:  # a bomb or a non-image: the other checks name the reason
+        return None
+
+
 def check_images(images: list[bytes], max_pixels: int) -> None:
-    """Header checks only: a decompression bomb or a non-image is refused before any decode.
+    """Header checks only: a decompression bomb, a non-image or another format is refused before any decode.
 
     A payload with a valid header can still be truncated; that shows in the one full
     decode, in the embedder, which answers InvalidImage for it (a 400 as well).
@@ -160,6 +169,9 @@ def check_images(images: list[bytes], max_pixels: int) -> None:
         reason = check_image(data) if header_size(data) is None else None
         if reason is not None:
             raise ApiError(400, "invalid_image", f"image {i}: {reason}")
+        found = header_format(data)
+        if found is not None and found not in IMAGE_FORMATS:  # fewer decoders facing the internet
+            raise ApiError(415, "unsupported_image_format", f"image {i}: {found}; send JPEG, PNG or WebP")
 
 
 async def read_query(request: Request, schema, args: AppArgs) -> ParsedQuery:

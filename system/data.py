@@ -28,6 +28,7 @@ from system import storage
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs well before they exhaust memory
+IMAGE_FORMATS = {"JPEG", "PNG", "WEBP"}  # what a dataset's `image` holds; ingest converts others to PNG
 
 
 class DataError(ValueError):
@@ -65,6 +66,16 @@ def check_image(data: bytes) -> str | None:
     except Exception as err:  # PIL raises many types for bad files; each is a rejection
         return f"not a readable image ({type(err).__name__}: {str(err)[:120]})"
     return None
+
+
+def contract_format(data: bytes) -> bytes:
+    """`data` itself when it is JPEG, PNG or WebP; other formats (BMP, GIF, TIFF) re-encoded as PNG."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.format in IMAGE_FORMATS:
+            return data
+        out = io.BytesIO()
+        img.convert("RGBA" if "A" in img.getbands() else "RGB").save(out, format="PNG")
+        return out.getvalue()
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -230,7 +241,7 @@ def ingest(
                 first_reason = first_reason or f"{row_id}: {reason}"
                 continue
             buffer["id"].append(row_id)
-            buffer["image"].append(image)
+            buffer["image"].append(contract_format(image))
             if with_label:
                 buffer["label"].append(label)
             for name, value in extra.items():

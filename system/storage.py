@@ -3,9 +3,10 @@
 Artifacts are written to a local temporary folder and published whole. On a local or
 shared filesystem it is renamed into place (atomic: a crash mid-write never leaves a half
 artifact there); an existing folder is swapped with the new one in one step on Linux
-(renameat2), so readers always find one whole version at the path. Object stores have no rename: the folder is uploaded only once it is
-complete, but an upload cut short (or an overwrite, which deletes the old copy first) can
-leave the destination incomplete; rerun the command with --overwrite.
+(renameat2), so readers always find one whole version at the path. Object stores have no
+rename: the folder is uploaded only once it is complete, but an upload cut short (or an
+overwrite, which deletes the old copy first) can leave the destination incomplete; rerun
+the command with --overwrite.
 """
 
 from __future__ import annotations

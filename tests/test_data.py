@@ -238,6 +238,21 @@ def test_ingest_names_unnamed_labels_by_number(tmp_path):
     assert summary["classes"] == read_classes(str(tmp_path / "out")) == ["0", "1", "2"]
 
 
+def test_ingest_stores_other_formats_as_png(tmp_path):
+    """The contract's images are JPEG, PNG or WebP: a BMP or GIF is re-encoded losslessly as PNG."""
+    (tmp_path / "src").mkdir()
+    for i, fmt in enumerate(["BMP", "GIF", "JPEG"]):
+        (tmp_path / "src" / f"{i}.{fmt.lower()}").write_bytes(image_bytes(i, fmt))
+    ingest(str(tmp_path / "src"), str(tmp_path / "out"), progress=False)
+    stored = read_table(tmp_path / "out").column("image").to_pylist()
+    formats = [Image.open(io.BytesIO(data)).format for data in stored]
+    assert formats == ["PNG", "PNG", "JPEG"]
+    assert stored[2] == image_bytes(2, "JPEG")  # a JPEG is kept byte for byte
+    for i, fmt in enumerate(["BMP", "GIF"]):
+        original = np.asarray(Image.open(io.BytesIO(image_bytes(i, fmt))).convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(stored[i])).convert("RGB")), original)
+
+
 def test_ingest_refuses_a_class_name_with_a_comma(image_folder, tmp_path):
     root, _ = image_folder
     (root / CLASSES[0]).rename(root / "New York, NY")

@@ -284,11 +284,29 @@ def digit_png() -> bytes:
 
 
 PNG = digit_png()
+
+
+def as_format(png: bytes, fmt: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png)).save(out, format=fmt)
+    return out.getvalue()
+
+
 JSON = {"content-type": "application/json"}
 BAD_INPUTS = {
     # name: (path, request kwargs, status, error code)
     "truncated png": ("/v1/embed", {"files": multipart([PNG[: len(PNG) // 2]])}, 400, "invalid_image"),
     "text as image": ("/v1/embed", {"files": multipart([b"hello, not an image"])}, 400, "invalid_image"),
+    "tiff image": (
+        "/v1/embed",
+        {"files": multipart([as_format(PNG, "TIFF")])},
+        415,
+        "unsupported_image_format",
+    ),
     "empty image part": ("/v1/classify", {"files": multipart([b""])}, 400, "invalid_image"),
     "0-byte body": ("/v1/embed", {"content": b"", "headers": JSON}, 400, "empty_body"),
     "20000x20000 header": (
