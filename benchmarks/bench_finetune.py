@@ -55,6 +55,8 @@ METHODS = [
     ("lora r=4", {"method": "lora", "rank": 4}, 3e-3),
     ("lora r=8", {"method": "lora", "rank": 8}, 3e-3),
     ("lora r=16", {"method": "lora", "rank": 16}, 3e-3),
+    ("loha r=4", {"method": "loha", "rank": 4}, 3e-3),  # as many parameters as lora r=8
+    ("ia3", {"method": "ia3"}, 1e-2),
     ("svfit", {"method": "svfit", "energy": 0.99}, 1e-2),
     ("svfit+norms", {"method": "svfit", "energy": 0.99, "train_norms": True}, 1e-2),
 ]

@@ -8,6 +8,8 @@ finds its classes again. One replica holds them (writes must not diverge).
 
 kNN vote: the labels (the index's `label` passthrough column) of an image's nearest
 indexed items vote; the score is the fraction of votes.
+
+    .venv/bin/python -m pytest -q tests/test_serve_live.py -k "classes or class_changes or knn"
 """
 
 from __future__ import annotations

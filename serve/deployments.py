@@ -8,6 +8,9 @@ without restarting replicas. On their own:
     model = {"model": "runs/quickstart/finetune/model"}
     handle = serve.run(EmbedderDeployment.options(user_config=model).bind())
     out = handle.embed.remote([png_bytes]).result()      # {"vectors", "model", "batches"}
+
+    .venv/bin/python -m pytest -q tests/test_serve.py -k "embed_matches or embed_batches or search_by"
+    .venv/bin/python -m pytest -q tests/test_serve_live.py -k "swap or killed or retriever"
 """
 
 from __future__ import annotations

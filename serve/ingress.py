@@ -4,6 +4,9 @@ Built and run by `serve.app` (`build_app`, `start_app`). Every request passes on
 middleware (bearer-token auth, a request timeout, Prometheus metrics); every error leaves
 as `{"error": {"code", "message"}}`: 4xx for bad input, 503 when a deployment's queue is
 full (backpressure) or no replica answers, 504 past the request timeout.
+
+    .venv/bin/python -m pytest -q tests/test_serve.py
+    .venv/bin/python -m pytest -q tests/test_serve_live.py -k "auth or metrics"
 """
 
 # No `from __future__ import annotations`: Serve pickles the ingress class by value, and

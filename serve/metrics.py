@@ -3,6 +3,8 @@
 One registry per ingress process (one replica); with several ingress replicas Prometheus
 scrapes each (or sums them). Batch sizes are counted once per batch: the embedder marks
 the first request of each batch, and the ingress that sent it records the size.
+
+    .venv/bin/python -m pytest -q tests/test_serve_live.py -k metrics
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Two body encodings for every image route: multipart parts named `image` (plus text fields
 such as `id` or `name`, in order), or JSON with base64 strings. Every rejection is an
 `ApiError` (status, code, message) that the app turns into `{"error": {"code", "message"}}`.
+
+    .venv/bin/python -m pytest -q tests/test_serve.py -k bad_input
 """
 
 from __future__ import annotations

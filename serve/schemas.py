@@ -3,6 +3,9 @@
 `AppArgs` is what `serve.app:build_app` accepts (from `deploy.yaml`, `repforge serve`
 or `start_app`); the request and response models document the API at /docs and
 validate JSON bodies. Every error leaves the app as `ErrorResponse`.
+
+    .venv/bin/python -m pytest -q tests/test_serve.py -k "bad_args or info_and_docs"
+    .venv/bin/python -m pytest -q tests/test_cli.py -k serve_flags
 """
 
 from typing import Annotated, Any, Literal

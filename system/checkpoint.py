@@ -9,6 +9,9 @@ FSDP alike): the state is resharded on load.
 
     save_checkpoint(folder, model, optimizer, progress, rank)
     progress = load_checkpoint(folder, model, optimizer)
+
+    .venv/bin/python -m pytest -q tests/test_parallel.py -k checkpoint
+    .venv/bin/python -m pytest -q tests/test_train_fsdp.py -k killed_worker
 """
 
 from __future__ import annotations

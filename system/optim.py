@@ -3,6 +3,8 @@
 AdamW and SGD come from torch, LARS from timm (`timm.optim.Lars`: the layer-wise trust
 ratio is applied only to parameter groups with weight decay, so norms and biases are
 excluded from it as in the LARS/SimCLR papers).
+
+    .venv/bin/python -m pytest -q tests/test_train_fsdp.py -k time_budget
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ each block's parameters are all-gathered just before it runs and freed after. Wo
 timm ViTs (`blocks`), ConvNeXts (`stages`) and ResNets (`layer1..4`), with or without a
 peft wrapper around the backbone. On GPU the parameters compute in bf16 (batch norms in
 fp32) and gradients reduce in fp32; on CPU (gloo) everything stays fp32.
+
+    .venv/bin/python -m pytest -q tests/test_parallel.py -k fsdp
 """
 
 from __future__ import annotations

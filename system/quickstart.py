@@ -4,6 +4,9 @@ ingest -> pretrain (SimCLR) -> finetune (LoRA) -> 2-trial sweep -> embed -> inde
 serve, one real HTTP request per endpoint, a summary table, then the app is shut down
 (`--keep-serving` leaves it up). Runs in a few minutes on 2 CPU cores; writes under
 `{storage}/quickstart/` (deploy.yaml points at the default `runs/quickstart/`).
+
+    repforge quickstart
+    .venv/bin/python -m pytest -q tests/test_quickstart.py
 """
 
 from __future__ import annotations

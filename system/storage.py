@@ -7,6 +7,8 @@ artifact there); an existing folder is swapped with the new one in one step on L
 rename: the folder is uploaded only once it is complete, but an upload cut short (or an
 overwrite, which deletes the old copy first) can leave the destination incomplete; rerun
 the command with --overwrite.
+
+    .venv/bin/python -m pytest -q tests/test_index.py -k "crash_during_save or replacing_an_artifact"
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Kept apart from system/train.py (the Ray Train driver and worker loop) so that the
 plain-PyTorch benchmarks, which also run on GPU machines without Ray, build exactly the
 module a `repforge pretrain` / `finetune` worker builds.
+
+    .venv/bin/python -m pytest -q tests/test_parallel.py -k bf16
 """
 
 from __future__ import annotations

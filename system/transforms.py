@@ -2,6 +2,8 @@
 
 Used by Ray Data `map_batches` (training input and batch inference) and by the Serve
 embedder, so the same bytes give the same tensor everywhere.
+
+    .venv/bin/python -m pytest -q tests/test_data.py -k "threaded_decoding or reproducible_on_the_seed"
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Sweep outputs: the leaderboard (CSV and terminal table) and the Pareto front of the
 metric against trainable parameters (CSV and PNG). Plain functions over leaderboard rows.
+
+    .venv/bin/python -m pytest -q tests/test_sweep.py -k "pareto or asha"
 """
 
 from __future__ import annotations

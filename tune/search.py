@@ -18,6 +18,8 @@ Train run from the checkpoint). The space's domains are what it mutates, so they
 name keys a run can change mid-way (PBT_MUTABLE), and keep clear of values that regroup the
 optimizer's parameters (PBT_GROUPING); fixed values may be anything. Every check raises
 ConfigError naming the key, before Ray starts.
+
+    .venv/bin/python -m pytest -q tests/test_sweep.py -k "invalid_search or pbt or optuna or closed_form"
 """
 
 from __future__ import annotations

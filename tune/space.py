@@ -12,6 +12,8 @@ A mapping with one key whose value is a list is a domain; to fix a key to a mapp
 (e.g. model.kwargs) write it with more than one key, or as {choice: [mapping]}.
 Everything is checked before Ray starts: every key and every value a domain can take
 at its bounds is applied to the base config and validated like `--set`.
+
+    .venv/bin/python -m pytest -q tests/test_sweep.py -k "space and not pbt"
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """DoRA (Liu et al., 2024) through peft: LoRA on the direction, plus a trained magnitude per output.
 
 peft's LoraConfig(use_dora=True); everything else (targets, ranks, save, merge) is LoRA's.
+
+    .venv/bin/python -m pytest -q tests/test_adapters.py -k dora
 """
 
 from __future__ import annotations

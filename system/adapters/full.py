@@ -2,6 +2,8 @@
 
 A `linear` adapter is the head alone (train.py writes head.pt next to the json marker);
 `full` has no adapter: its artifact is the whole model.
+
+    .venv/bin/python -m pytest -q tests/test_adapters.py -k "full or linear"
 """
 
 from __future__ import annotations

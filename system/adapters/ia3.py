@@ -5,6 +5,8 @@ The fewest parameters of the peft methods, and no rank: a target's outputs are s
 hidden activations) is scaled, as the paper does for the feed-forward layers. Scales
 start at 1, so the initial function is the base model's; they merge into the weights.
 `finetune.rank`, `rank_pattern` and `rank_scale` do not apply.
+
+    .venv/bin/python -m pytest -q tests/test_adapters.py -k ia3
 """
 
 from __future__ import annotations

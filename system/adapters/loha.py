@@ -3,6 +3,8 @@
 ΔW = (B1·A1) ⊙ (B2·A2): twice LoRA's parameters at the same rank, but an update of rank up
 to r², so it reaches further per parameter. Works on Linear and Conv2d targets (a conv's
 kernel is flattened, as LoRA does). Ranks, targets, save and merge are LoRA's.
+
+    .venv/bin/python -m pytest -q tests/test_adapters.py -k loha
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Our own (peft has no such method; it is a few lines). BatchNorm layers whose affine
 weights train are in train mode, so their running statistics change too: the adapter
 saves them with the affine weights. The adapter is a safetensors file + a json file.
+
+    .venv/bin/python -m pytest -q tests/test_adapters.py -k norm
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ conversion) into a plain rank-2r LoRA that applies to the *original* base weight
 can load it with PeftModel.from_pretrained on the base model. peft's PiSSA initialisation
 works on 2-D weights only: the family default skips Conv2d layers (a ViT's patch
 embedding), an explicit regex naming one is refused, and a CNN has nothing to adapt.
+
+    .venv/bin/python -m pytest -q tests/test_adapters.py -k pissa
 """
 
 from __future__ import annotations

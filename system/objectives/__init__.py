@@ -5,6 +5,8 @@ built as `cls(embed_dim, objective_cfg, num_classes, backbone=backbone)`; its
 `forward(backbone, batch)` returns the scalar loss for the local batch and a dict of
 extra metrics. Adding one: a new file with `@register_objective("name")`, one import
 line below, one row in tests/test_objectives.py.
+
+    .venv/bin/python -m pytest -q tests/test_objectives.py -k "registry or matryoshka"
 """
 
 from __future__ import annotations

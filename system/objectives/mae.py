@@ -5,6 +5,8 @@ The encoder (the backbone's own patch embedding and blocks) sees only a random
 transformer block) fills in mask tokens and predicts the pixels of every patch; the
 loss is the mean squared error on the masked patches, against per-patch normalised
 pixels (the paper's best target). Only ViTs: CNNs have no patch tokens to drop.
+
+    .venv/bin/python -m pytest -q tests/test_objectives.py -k "mae or patchify"
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Each image is rotated by a random multiple of 90 degrees and a linear head on the
 embedding predicts which (4-way cross-entropy). Needs square inputs, which the
 preprocessing always produces.
+
+    .venv/bin/python -m pytest -q tests/test_objectives.py -k rotation
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ With several workers, each worker's embeddings are gathered from all workers wit
 gradients (torch.distributed.nn.all_gather), so every worker contrasts its rows with
 the global batch: the mean of the workers' losses equals the single-process loss on
 the same global batch, and DDP's gradient averaging then matches it too.
+
+    .venv/bin/python -m pytest -q tests/test_objectives.py -k "nt_xent or simclr"
+    .venv/bin/python -m pytest -q tests/test_parallel.py -k nt_xent
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Also the fine-tuning objective: the head trained here becomes the classifier head of
 the exported model artifact.
+
+    .venv/bin/python -m pytest -q tests/test_objectives.py -k supervised
+    .venv/bin/python -m pytest -q tests/test_parallel.py -k bf16
 """
 
 from __future__ import annotations
