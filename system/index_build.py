@@ -376,10 +376,15 @@ def _ray_map(function, calls: list[tuple], on_driver_node: bool = False) -> list
     try:
         return ray.get(futures)
     except BaseException as e:
-        # Stop the others before the caller removes the folder they write into.
-        for future in futures:
-            ray.cancel(future)
-        ray.wait(futures, num_returns=len(futures), timeout=60)
+        # The others must end before the caller removes the folder they write into. On a
+        # task's error they run to their end: ray.cancel on a task that is just finishing
+        # can abort this process (a Ray check failure, "Tried to complete task that was not
+        # pending", ray-project/ray#54846; it crashed a test run here). On Ctrl-C they are
+        # cancelled, as the process is ending anyway.
+        if isinstance(e, KeyboardInterrupt):
+            for future in futures:
+                ray.cancel(future)
+        ray.wait(futures, num_returns=len(futures), timeout=None if isinstance(e, Exception) else 60)
         if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, ValueError):
             raise e.cause from None  # a user error inside a task: one line, as in-process
         raise
