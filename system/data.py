@@ -28,7 +28,9 @@ from system import storage
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs well before they exhaust memory
-IMAGE_FORMATS = {"JPEG", "PNG", "WEBP"}  # what a dataset's `image` holds; ingest converts others to PNG
+# What a dataset's `image` holds (ingest converts others to PNG). PIL names many phone
+# photos "MPO": a JPEG with extra frames that every JPEG decoder reads as a JPEG.
+IMAGE_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}
 
 
 class DataError(ValueError):
