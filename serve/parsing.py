@@ -123,36 +123,20 @@ def parse_json(body: bytes, schema) -> ParsedQuery:
     )
 
 
-def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the image header alone, or None when it is no image PIL knows."""
+def image_header(data: bytes) -> tuple[tuple[int, int], str | None] | None:
+    """((width, height), PIL's format name) from the image header alone, or None when it is
+    no image PIL knows. Nothing is decoded."""
     # PIL cannot size a PNG whose chunks stop after IHDR, yet a bomb may be just that.
     if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
-        return struct.unpack(">II", data[16:24])
+        return struct.unpack(">II", data[16:24]), "PNG"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:  # lazy: parses the header, decodes nothing
-                return img.size
+                return img.size, img.format
     except Image.DecompressionBombError:  # over PIL's own, far larger, limit
-        return (1 << 31, 1)
+        return (1 << 31, 1), None
     except Exception:  # not an image at all: check_image gives the reason
-        return None
-
-
-def too_many_pixels(data: bytes, max_pixels: int) -> str | None:
-    """Why the image's header claims too many pixels, or None. Nothing is decoded."""
-    size = header_size(data)
-    if size is not None and size[0] * size[1] > max_pixels:
-        return f"{size[0]}x{size[1]} is {size[0] * size[1]} pixels; at most {max_pixels}"
-    return None
-
-
-def header_format(data: bytes) -> str | None:
-    """PIL's name of the image format ("JPEG", "PNG", ...) from the header, or None."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.format
-    except Exception:  # a bomb or a non-image: the other checks name the reason
         return None
 
 
@@ -162,16 +146,16 @@ def check_images(images: list[bytes], max_pixels: int) -> None:
     A payload with a valid header can still be truncated; that shows in the one full
     decode, in the embedder, which answers InvalidImage for it (a 400 as well).
     """
-    for i, data in enumerate(images):
-        reason = too_many_pixels(data, max_pixels)
-        if reason is not None:
-            raise ApiError(413, "too_many_pixels", f"image {i}: {reason}")
-    for i, data in enumerate(images):
-        # No header PIL knows: check_image fails fast on it, with the reason.
-        reason = check_image(data) if header_size(data) is None else None
-        if reason is not None:
-            raise ApiError(400, "invalid_image", f"image {i}: {reason}")
-        found = header_format(data)
+    headers = [image_header(data) for data in images]
+    for i, header in enumerate(headers):
+        if header is not None and header[0][0] * header[0][1] > max_pixels:
+            (width, height), _ = header
+            message = f"{width}x{height} is {width * height} pixels; at most {max_pixels}"
+            raise ApiError(413, "too_many_pixels", f"image {i}: {message}")
+    for i, (data, header) in enumerate(zip(images, headers, strict=True)):
+        if header is None:  # no header PIL knows: check_image fails fast on it, with the reason
+            raise ApiError(400, "invalid_image", f"image {i}: {check_image(data) or 'not a readable image'}")
+        found = header[1]
         if found is not None and found not in IMAGE_FORMATS:  # fewer decoders facing the internet
             raise ApiError(415, "unsupported_image_format", f"image {i}: {found}; send JPEG, PNG or WebP")
 
