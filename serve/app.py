@@ -34,6 +34,7 @@ from serve.schemas import AppArgs
 from system import storage
 from system.index import MANIFEST_FILE
 from system.models import ModelError, read_meta
+from system.ray_env import ensure_ray
 
 APP_NAME = "repforge"
 IMPORT_PATH = "serve.app:build_app"
@@ -194,8 +195,7 @@ def start_app(
     """
     global _owns_serve
     cfg, _, classifier_uri = resolve_args(args)  # before any Ray work: a bad arg or artifact fails fast
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     _owns_serve = _owns_serve or not serve.status().proxies
     serve.start(http_options={"host": host, "port": port})
     deadline = time.monotonic() + timeout_s

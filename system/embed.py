@@ -177,6 +177,7 @@ def run_embed(
 
     from system.data import check_dataset
     from system.models import read_meta
+    from system.ray_env import ensure_ray
 
     model_uri, data_uri, out_uri = (storage.normalize(u) for u in (model_uri, data_uri, out_uri))
     meta = read_meta(model_uri)  # fails fast, before Ray, on a bad artifact
@@ -196,8 +197,7 @@ def run_embed(
         print(f"embed: resuming, {len(done)} shards ({skipped} rows) already written", flush=True)
     metadata = embeddings_metadata(meta, classes)
     if pending:
-        if not ray.is_initialized():
-            ray.init()
+        ensure_ray()
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if gpus:
             # Two actors share each GPU, so one decodes while the other runs the model, and

@@ -366,8 +366,9 @@ def _ray_map(function, calls: list[tuple], on_driver_node: bool = False) -> list
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if not ray.is_initialized():
-        ray.init()
+    from system.ray_env import ensure_ray
+
+    ensure_ray()
     task = ray.remote(function)
     if on_driver_node:
         here = ray.get_runtime_context().get_node_id()

@@ -72,13 +72,13 @@ def run_quickstart(
     storage_root: str = "runs", port: int = 8000, keep_serving: bool = False, overrides: list[str] = ()
 ) -> str:
     import pyarrow.parquet as pq
-    import ray
 
     from serve.app import start_app, stop_app
     from system.data import digits_dataset
     from system.embed import run_embed
     from system.index import build_index, evaluate_index
     from system.models import read_meta
+    from system.ray_env import ensure_ray
     from system.train import run_training
     from tune.sweep import run_sweep
 
@@ -95,7 +95,7 @@ def run_quickstart(
     _stage(stages, "data: scikit-learn digits -> canonical Parquet")
     train_uri, test_uri = digits_dataset(storage.join(root, "datasets", "digits"))
     data = [f"data.train={train_uri}", f"data.val={test_uri}"]
-    ray.init(ignore_reinit_error=True)
+    ensure_ray()
 
     _stage(stages, "pretrain: SimCLR, 2 workers, DDP")
     pretrained = run_training(

@@ -47,6 +47,7 @@ from system.models import Embedder, create_backbone, read_meta, write_artifact
 from system.objectives import get_objective, nested_dims
 from system.optim import build_optimizer, cosine_with_warmup
 from system.parallel import gradient_sync, parallelize, residual_blocks, unwrap
+from system.ray_env import ensure_ray, omp_env
 from system.runs import write_confusion_png
 from system.train_module import TrainModule, build_model, train_mode
 from system.transforms import preprocess_batch, preprocessing_config
@@ -619,8 +620,7 @@ def run_training(cfg: JobConfig, job: str) -> dict[str, str]:
     """Run one pretrain or finetune job to completion; returns {"model": uri, ...}."""
     cfg = absolute_uris(cfg)
     plan = plan_run(cfg, job)
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
+    ensure_ray(runtime_env=omp_env())
     if job == "finetune" and cfg.finetune.closed_form:  # one pass of Ray Data, no Ray Train
         from system.linear_probe import run_linear_probe
 

@@ -48,6 +48,7 @@ from ray.util.queue import Empty, Queue
 from system import storage
 from system.config import ConfigError, JobConfig, build_config, set_dotted
 from system.data import count_rows, read_classes
+from system.ray_env import ensure_ray, omp_env
 from system.train import (
     MetricsLogger,
     absolute_uris,
@@ -240,8 +241,7 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
         raise ConfigError(f"run.name: sweep folder exists: {sweep_uri} (pass --resume, or another run.name)")
     if prior is not None and not resume:
         _write_text(storage.join(sweep_uri, "rank_prior.json"), json.dumps(prior, indent=1))
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
+    ensure_ray(runtime_env=omp_env())
 
     # Only PBT restarts trials from checkpoints; other schedulers are spared the copies.
     pbt = cfg.sweep.scheduler == "pbt"
