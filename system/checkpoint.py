@@ -19,20 +19,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+
+# torch.distributed.checkpoint is imported where it is used: importing it costs about 1 s on
+# 2 CPUs, and every Ray process that unpickles the training function (the Train controller,
+# a sweep's trial actors) imports this module without ever saving a checkpoint.
 
 PROGRESS = "progress.json"
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer, progress: dict, rank: int) -> None:
     """Collective: every rank calls it with its own (local, empty) folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder / "state"))
     if rank == 0:
@@ -41,6 +41,9 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer, progress: dict, r
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer) -> dict:
     """Collective: restore model and optimizer in place from a (gathered) checkpoint; returns progress."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(folder / "state"))
@@ -50,4 +53,6 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer) -> dict:
 
 def full_model_state(model: nn.Module) -> dict:
     """Collective: the unsharded state dict on CPU (every rank gets it; rank 0 exports it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

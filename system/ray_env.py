@@ -16,9 +16,9 @@ def keep_idle_workers() -> None:
 
     Each Ray Data task and Train run imports torch and timm in its worker processes (5-8 s
     per process on 2 CPUs). Ray keeps at most num_cpus idle workers, for 1 s, so every
-    run paid the imports again. Kept 5 minutes, up to 8 (or the CPU count) of them: a
-    second digits finetune on a 2-CPU local instance took 32-36 s instead of 50-52 s
-    (3 runs each, same machine). A raylet reads these variables when it starts, so they
+    run paid the imports again. Kept 5 minutes, up to 8 (or the CPU count) of them: later
+    one-epoch digits finetunes on a 2-CPU local instance took 36.1 s instead of 42.5 s
+    (x1.18, benchmarks/bench_worker_reuse.py). A raylet reads these variables when it starts, so they
     change nothing when this process joins a running cluster: there, `ray start`'s
     environment decides.
     """

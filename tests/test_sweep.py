@@ -314,6 +314,17 @@ def test_spectrum_prior_proposes_a_rank_per_target():
     assert count_parameters(lora)[0] == expected
 
 
+def test_max_concurrent_above_what_fits_warns(ray_local, capsys):
+    from tune.sweep import _concurrency
+
+    # The session's instance has 2 CPUs; a trial of 2 workers x 0.5 CPU + 1 for Ray Data fits once.
+    tree = {"train": {"workers": 2, "cpus_per_worker": 0.5}}
+    assert _concurrency(build_config(tree)) == 1
+    assert "warning" not in capsys.readouterr().err
+    assert _concurrency(build_config({**tree, "sweep": {"max_concurrent": 3}})) == 3
+    assert "sweep.max_concurrent=3, but the cluster fits 1 trial(s)" in capsys.readouterr().err
+
+
 # -- a real ASHA sweep on digits: interrupted, resumed, finished -----------------------------
 
 

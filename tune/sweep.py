@@ -31,6 +31,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -270,7 +271,7 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
                 # The scheduler and searcher carry metric and mode (optuna_mo has two of each).
                 num_samples=cfg.sweep.num_samples,
                 scheduler=build_scheduler(cfg, reports),
-                search_alg=build_searcher(cfg, cfg.sweep.max_concurrent or _max_concurrent(cfg)),
+                search_alg=build_searcher(cfg, _concurrency(cfg)),
             ),
             run_config=tune.RunConfig(
                 name=TUNE_DIR,
@@ -441,6 +442,22 @@ def _reports_per_trial(total_steps: int, eval_every: int) -> int:
     if not eval_every:
         return 1
     return total_steps // eval_every + (1 if total_steps % eval_every else 0)
+
+
+def _concurrency(cfg: JobConfig) -> int:
+    """sweep.max_concurrent, or the trials that fit; a warning when the setting exceeds the fit
+    (on 2 CPUs, two quickstart trials side by side starved each other's data pipelines)."""
+    fit = _max_concurrent(cfg)
+    wanted = cfg.sweep.max_concurrent
+    if wanted and wanted > fit:
+        print(
+            f"[sweep] warning: sweep.max_concurrent={wanted}, but the cluster fits {fit} trial(s) at a "
+            f"time ({cfg.train.workers} x {cfg.train.cpus_per_worker:g} CPUs + 1 for Ray Data each): "
+            "trials side by side may starve each other's data pipelines",
+            file=sys.stderr,
+            flush=True,
+        )
+    return wanted or fit
 
 
 def _max_concurrent(cfg: JobConfig) -> int:
