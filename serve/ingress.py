@@ -70,29 +70,51 @@ api = FastAPI(
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 422, 503, 504)}
 
 
-@api.middleware("http")
-async def guard(request: Request, call_next):
-    """Auth, the request timeout and metrics, for every route (exception handlers see none of these)."""
-    started = time.perf_counter()
-    path = request.url.path
-    if not auth.authorized(path, request.headers.get("authorization"), auth.RUNTIME["token_sha256"]):
-        response = _error(401, "unauthorized", "send the API token as 'Authorization: Bearer TOKEN'")
-        response.headers["WWW-Authenticate"] = "Bearer"
-    else:
-        try:
-            response = await asyncio.wait_for(call_next(request), auth.RUNTIME["timeout_s"])
-        except asyncio.TimeoutError:
-            response = _error(504, "timeout", f"no answer within {auth.RUNTIME['timeout_s']} s")
-        except Exception:  # a bug: counted here, answered by the 500 handler
-            metrics.observe_request(path if path in ROUTES else "other", request.method, 500, 0.0)
-            raise
-    metrics.observe_request(
-        path if path in ROUTES else "other",
-        request.method,
-        response.status_code,
-        time.perf_counter() - started,
-    )
-    return response
+class Guard:
+    """Auth, the request timeout and metrics, for every route (exception handlers see none of these).
+
+    Plain ASGI middleware: Starlette's `@app.middleware("http")` (BaseHTTPMiddleware) hands
+    every request and response through extra memory streams and a task group.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        request = Request(scope)
+        route = request.url.path if request.url.path in ROUTES else "other"
+        status = None  # set when the response starts
+
+        async def noting_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        if not auth.authorized(
+            request.url.path, request.headers.get("authorization"), auth.RUNTIME["token_sha256"]
+        ):
+            response = _error(401, "unauthorized", "send the API token as 'Authorization: Bearer TOKEN'")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            await response(scope, receive, noting_status)
+        else:
+            try:
+                await asyncio.wait_for(self.app(scope, receive, noting_status), auth.RUNTIME["timeout_s"])
+            except asyncio.TimeoutError:
+                if status is not None:  # too late for a 504: the response has begun
+                    raise
+                response = _error(504, "timeout", f"no answer within {auth.RUNTIME['timeout_s']} s")
+                await response(scope, receive, noting_status)
+            except Exception:  # a bug: counted here, answered by the 500 handler
+                metrics.observe_request(route, request.method, 500, 0.0)
+                raise
+        metrics.observe_request(route, request.method, status or 500, time.perf_counter() - started)
+
+
+api.add_middleware(Guard)
 
 
 @api.exception_handler(ApiError)

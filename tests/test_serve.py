@@ -286,6 +286,66 @@ def digit_png() -> bytes:
 PNG = digit_png()
 
 
+def test_ingress_middleware_times_out_refuses_and_counts(tmp_path):
+    """The ingress middleware (serve.ingress.Guard) on a plain FastAPI app under uvicorn on
+    loopback, no Ray: past the request timeout a 504 JSON error, without the token a 401,
+    and both counted in the metrics by route and status."""
+    import asyncio
+    import hashlib
+    import threading
+    import time
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from serve import auth, metrics
+    from serve.ingress import Guard
+
+    app = FastAPI()
+    app.add_middleware(Guard)
+
+    @app.get("/v1/info")
+    async def slow():
+        await asyncio.sleep(3)  # 15x the timeout below
+        return {}
+
+    @app.get("/v1/health")
+    async def health():
+        return {"status": "ok"}
+
+    def count(route: str, status: str) -> float:
+        value = metrics.REGISTRY.get_sample_value(
+            "repforge_requests_total", {"route": route, "method": "GET", "status": status}
+        )
+        return value or 0.0
+
+    kept = dict(auth.RUNTIME)
+    auth.configure(hashlib.sha256(b"secret").hexdigest(), timeout_s=0.2)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        before = count("/v1/info", "504"), count("/v1/info", "401"), count("/v1/health", "200")
+        url = f"http://127.0.0.1:{server.config.port}"
+        with httpx.Client(base_url=url, timeout=30.0) as client:
+            started = time.monotonic()
+            assert_error(client.get("/v1/info", headers={"Authorization": "Bearer secret"}), 504, "timeout")
+            assert time.monotonic() - started < 2.5  # answered at the timeout, not after the route
+            denied = client.get("/v1/info")
+            assert_error(denied, 401, "unauthorized")
+            assert denied.headers["www-authenticate"] == "Bearer"
+            assert client.get("/v1/health").json() == {"status": "ok"}  # open without a token
+        after = count("/v1/info", "504"), count("/v1/info", "401"), count("/v1/health", "200")
+        assert [a - b for a, b in zip(after, before)] == [1, 1, 1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        auth.RUNTIME.update(kept)
+
+
 def as_format(png: bytes, fmt: str) -> bytes:
     import io
 
