@@ -86,12 +86,20 @@ class Guard:
         started = time.perf_counter()
         request = Request(scope)
         route = request.url.path if request.url.path in ROUTES else "other"
-        status = None  # set when the response starts
+        status, counted = None, False
 
-        async def noting_status(message):
+        def count(code: int) -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                metrics.observe_request(route, request.method, code, time.perf_counter() - started)
+
+        async def counting_send(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                count(status)  # before the last bytes leave: whoever has the answer finds it counted
             await send(message)
 
         if not auth.authorized(
@@ -99,19 +107,20 @@ class Guard:
         ):
             response = _error(401, "unauthorized", "send the API token as 'Authorization: Bearer TOKEN'")
             response.headers["WWW-Authenticate"] = "Bearer"
-            await response(scope, receive, noting_status)
-        else:
-            try:
-                await asyncio.wait_for(self.app(scope, receive, noting_status), auth.RUNTIME["timeout_s"])
-            except asyncio.TimeoutError:
-                if status is not None:  # too late for a 504: the response has begun
-                    raise
-                response = _error(504, "timeout", f"no answer within {auth.RUNTIME['timeout_s']} s")
-                await response(scope, receive, noting_status)
-            except Exception:  # a bug: counted here, answered by the 500 handler
-                metrics.observe_request(route, request.method, 500, 0.0)
+            await response(scope, receive, counting_send)
+            return
+        try:
+            await asyncio.wait_for(self.app(scope, receive, counting_send), auth.RUNTIME["timeout_s"])
+        except asyncio.TimeoutError:
+            if status is not None:  # too late for a 504: the response has begun
+                count(status)
                 raise
-        metrics.observe_request(route, request.method, status or 500, time.perf_counter() - started)
+            response = _error(504, "timeout", f"no answer within {auth.RUNTIME['timeout_s']} s")
+            await response(scope, receive, counting_send)
+        except Exception:  # a bug: counted here, answered by the 500 handler
+            count(500)
+            raise
+        count(status or 500)  # a response that never finished its body (the client left)
 
 
 api.add_middleware(Guard)

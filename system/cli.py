@@ -358,6 +358,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    connected_before = _ray_connected()  # a caller's Ray connection (main called in-process) stays
     try:
         uri = COMMANDS[args.command](args)
     except USER_ERRORS as err:
@@ -370,9 +371,14 @@ def main(argv: list[str] | None = None) -> int:
         print("repforge: interrupted", file=sys.stderr)
         return 130
     finally:
-        _shutdown_ray()
+        if not connected_before:
+            _shutdown_ray()
     print(uri, flush=True)
     return 0
+
+
+def _ray_connected() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 def _shutdown_ray() -> None:
