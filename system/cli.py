@@ -383,11 +383,8 @@ def _ray_connected() -> bool:
 
 def _shutdown_ray() -> None:
     """Disconnect (or stop the local instance this job started) so no log line follows the URI."""
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+    if _ray_connected():
+        sys.modules["ray"].shutdown()
 
 
 if __name__ == "__main__":
