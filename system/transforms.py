@@ -12,13 +12,20 @@ import functools
 import json
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from timm.data import create_transform
-from torchvision.transforms import v2
 
 from system.data import decode_image
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, timm and torchvision are imported inside the functions that use them. Ray Data
+# pipelines name `preprocess_batch`, so every process that unpickles one imports this
+# module: the Ray Train controller and the split coordinator, which never transform an
+# image. Importing torch + timm there cost 4-5 s per process on 2 CPUs (see
+# system/train_callbacks.py).
 
 
 def preprocessing_config(model: torch.nn.Module, image_size: int | None = None) -> dict:
@@ -41,6 +48,8 @@ def preprocessing_config(model: torch.nn.Module, image_size: int | None = None) 
 
 
 def eval_transform(pre: dict):
+    from timm.data import create_transform
+
     return create_transform(
         input_size=(3, pre["size"], pre["size"]),
         is_training=False,
@@ -53,6 +62,9 @@ def eval_transform(pre: dict):
 
 def ssl_view_transform(pre: dict, hflip: bool = True):
     """SimCLR-style augmentation, scaled down for small images (no blur below 64 px)."""
+    import torch
+    from torchvision.transforms import v2
+
     steps = [
         v2.RandomResizedCrop(pre["size"], scale=(0.3, 1.0), antialias=True),
         v2.RandomHorizontalFlip(p=0.5 if hflip else 0.0),
@@ -85,6 +97,8 @@ def images_to_tensor(images, transform, threads: int = 1) -> np.ndarray:
 def decode_threads() -> int:
     """Threads for decoding in this process: torch's count, which Ray sets to the CPUs that a
     task or actor reserved (so a replica given 8 CPUs decodes on 8 threads, one given 1 on 1)."""
+    import torch
+
     return torch.get_num_threads()
 
 
@@ -110,6 +124,8 @@ def preprocess_batch(
     the same batch gives the same views in every run, and since a seeded global shuffle
     makes other batches each epoch, each epoch still sees new views.
     """
+    import torch
+
     transform = _cached_transform(json.dumps(pre, sort_keys=True), mode, hflip)
     out = {k: batch[k] for k in keep if k in batch}
     if mode != "ssl":

@@ -393,6 +393,11 @@ def test_asha_sweep_interrupted_resumed_and_reported(ray_local, digits_data, tmp
     assert read_meta(str(folder / "best" / "model"))["metrics"]["loss"] == pytest.approx(
         float(rows[0]["loss"])
     )
+    # The Train runs of the trials ASHA stopped gave their CPUs back.
+    deadline = time.monotonic() + 30
+    while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ray_local.available_resources().get("CPU", 0) == 2
 
 
 # -- a real PBT sweep on digits: the weak trial goes on from the strong one's checkpoint ------

@@ -1,0 +1,102 @@
+"""What a sweep trial costs beyond its training steps: this checkout against an earlier commit.
+
+    .venv/bin/python benchmarks/bench_trial_start.py [--baseline-ref f4a4b4f] [--trials 3] [--rounds 2]
+
+Each arm is one process that starts its own local Ray instance and runs `repforge sweep`
+(tune.sweep.run_sweep) twice on the real digits: a one-trial warm-up sweep (Ray's first
+Train run starts cold), then the measured FIFO sweep of `--trials` trials of 20 steps
+each (test_resnet, full fine-tune, 1 worker), so that start-up, not training, is most of
+what a trial costs. The baseline arm runs the same script on the code of `--baseline-ref`
+(a git worktree, put first on PYTHONPATH). The arms alternate for `--rounds` rounds (the
+machines are shared and noisy); the claim is the median seconds per trial (the measured
+sweep's wall time / its trials) and the ratio baseline / this checkout. A row goes to
+benchmarks/RESULTS.md.
+
+f4a4b4f is the commit before three changes: the Train controller and Ray Data's split
+coordinator no longer import torch and timm, Tune reuses a finished trial's process for
+the next trial, and the controller polls its workers every 0.5 s instead of 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from common import ROOT, append_row  # benchmarks/common.py (scripts run by path)
+
+SWEEPS = """
+import argparse, json, sys, time
+sys.path.insert(0, sys.argv[3])  # benchmarks/ of this checkout: bench_sweep's config
+from bench_sweep import sweep_tree
+from system.config import build_config
+from system.data import digits_dataset
+from tune.sweep import run_sweep
+
+root, trials = sys.argv[1], int(sys.argv[2])
+train, val = digits_dataset(root + "/digits")
+args = argparse.Namespace(seed=0, steps=20, eval_every=10, grace=1, reduction_factor=3)
+lrs = [1e-3, 3e-3, 1e-2, 3e-4, 3e-2, 1e-4, 1e-5, 3e-5][:trials]
+run_sweep(build_config(sweep_tree(train, val, root, "warmup", "fifo", lrs[:1], args)))
+start = time.perf_counter()
+run_sweep(build_config(sweep_tree(train, val, root, "measured", "fifo", lrs, args)))
+print("SECONDS " + json.dumps(time.perf_counter() - start), flush=True)
+"""
+
+
+def one_arm(trials: int, code: str) -> float:
+    """Seconds of the measured sweep, run on the code at `code` (a checkout's root)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([code, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    with tempfile.TemporaryDirectory(prefix="bench-trial-start-") as root:
+        done = subprocess.run(
+            [sys.executable, "-c", SWEEPS, root, str(trials), str(ROOT / "benchmarks")],
+            capture_output=True,
+            text=True,
+            cwd=code,
+            env=env,
+            timeout=1800,
+        )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("SECONDS ")]
+    if done.returncode or not lines:
+        raise SystemExit(f"sweeps failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return json.loads(lines[-1].removeprefix("SECONDS "))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--baseline-ref", default="f4a4b4f", help="git commit of the baseline arm")
+    parser.add_argument("--trials", type=int, default=3, help="trials of the measured sweep")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of both arms")
+    args = parser.parse_args()
+    per_trial = {"this checkout": [], args.baseline_ref: []}
+    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
+        baseline = os.path.join(tmp, "code")
+        add = ["git", "worktree", "add", "--detach", baseline, args.baseline_ref]
+        subprocess.run(add, cwd=ROOT, check=True)
+        try:
+            for round_ in range(args.rounds):
+                for arm, code in ((args.baseline_ref, baseline), ("this checkout", str(ROOT))):
+                    seconds = one_arm(args.trials, code) / args.trials
+                    print(f"round {round_ + 1} {arm}: {seconds:.1f} s per trial", flush=True)
+                    per_trial[arm].append(seconds)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", baseline], cwd=ROOT, check=False)
+    new, old = statistics.median(per_trial["this checkout"]), statistics.median(per_trial[args.baseline_ref])
+    print(f"median s per trial: this checkout {new:.1f}, {args.baseline_ref} {old:.1f}, x{old / new:.2f}")
+    append_row(
+        "bench_trial_start.py",
+        f"digits, FIFO sweep of {args.trials} trials x 20 steps (test_resnet full fine-tune, 1 worker, "
+        f"report every 10) after a warm-up sweep, {args.rounds} rounds; median of sweep wall / trials",
+        f"this checkout: {new:.1f} s per trial",
+        f"{args.baseline_ref}: {old:.1f} s per trial",
+        f"x{old / new:.2f}",
+    )
+
+
+if __name__ == "__main__":
+    main()
