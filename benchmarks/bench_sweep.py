@@ -4,12 +4,13 @@
         [--reduction-factor 2] [--seeds 0 1 2]
 
 Both sweeps are `repforge sweep` (tune.sweep.run_sweep) on the real digits data (sklearn's,
-split into train/val), fully fine-tuning test_resnet from random init, over the same
-8-value learning-rate grid visited in the same (seeded, shuffled) order, one trial at a
-time: `scheduler: fifo` trains every trial to the end (plain grid search), `scheduler: asha`
-stops trials at its rungs. The grid's best val_acc sets the target (best - 1 point). For
-each sweep: seconds from its start to the first report at or above the target, and to its
-end. The ratios are grid / ASHA; a row goes to benchmarks/RESULTS.md.
+split into train/val; or with `--data cifar10`, random subsets of the real CIFAR-10), fully
+fine-tuning test_resnet from random init, over the same 8-value learning-rate grid visited
+in the same (seeded, shuffled) order, one trial at a time: `scheduler: fifo` trains every
+trial to the end (plain grid search), `scheduler: asha` stops trials at its rungs. The
+grid's best val_acc sets the target (best - 1 point). For each sweep: seconds from its
+start to the first report at or above the target, and to its end. The ratios are grid /
+ASHA; a row goes to benchmarks/RESULTS.md.
 
 With one trial at a time, ASHA saves what the trials it stops would have cost; how much of
 that comes before the first good trial depends on the visiting order. So both sweeps run
@@ -27,8 +28,10 @@ import time
 from pathlib import Path
 from statistics import median
 
+import numpy as np
+import pyarrow.parquet as pq
 import ray
-from common import append_row  # benchmarks/common.py (scripts run by path)
+from common import CIFAR10, append_row  # benchmarks/common.py (scripts run by path)
 
 from system.config import build_config
 from system.data import digits_dataset
@@ -65,6 +68,19 @@ def reports(folder: Path) -> list[dict]:
     return pd.concat(frames).to_dict("records")
 
 
+def cifar10_subsets(work: Path, train_rows: int, val_rows: int) -> tuple[str, str]:
+    """Seeded random subsets of the real CIFAR-10 train and test files (both sorted by class)."""
+    uris = []
+    for split, rows in (("train", train_rows), ("test", val_rows)):
+        table = pq.read_table(CIFAR10 / f"{split}.parquet")
+        keep = np.sort(np.random.default_rng(0).choice(len(table), rows, replace=False))
+        folder = work / "cifar10" / split
+        folder.mkdir(parents=True)
+        pq.write_table(table.take(keep), folder / "part-00000.parquet")
+        uris.append(str(folder))
+    return uris[0], uris[1]
+
+
 def measure(train: str, val: str, work: Path, seed: int, args) -> dict:
     """Grid, then ASHA, in visiting order `seed`: seconds to the target and to the end of each."""
     lrs = random.Random(seed).sample(LRS, len(LRS))
@@ -96,16 +112,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per full trial")
     parser.add_argument("--eval-every", type=int, default=10, help="steps between reports (ASHA rungs)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="visiting orders of the grid")
+    # digits: most of the grid reaches the target. CIFAR-10 (../shared): a harder task, where
+    # the learning rates spread out more.
+    parser.add_argument("--data", choices=["digits", "cifar10"], default="digits")
+    parser.add_argument("--train-rows", type=int, default=5000, help="cifar10: training images")
+    parser.add_argument("--val-rows", type=int, default=1000, help="cifar10: validation images")
     # Reports before ASHA may stop a trial. At 1 (10 steps from random init) val_acc is noise:
     # the first run (2026-11-22, RESULTS.md) stopped the grid's best lr at its second report.
     parser.add_argument("--grace", type=int, default=3, help="ASHA grace period, in reports")
     parser.add_argument("--reduction-factor", type=int, default=2, help="ASHA: 1/rf of trials pass a rung")
     args = parser.parse_args()
-    seeds = args.seeds
-    del args.seeds
+    seeds, data, rows = args.seeds, args.data, (args.train_rows, args.val_rows)
+    for option in ("seeds", "data", "train_rows", "val_rows"):
+        delattr(args, option)
 
     work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
-    train, val = digits_dataset(str(work / "digits"))
+    if data == "cifar10":
+        train, val = cifar10_subsets(work, *rows)
+        data = f"CIFAR-10 random subsets (train {rows[0]}, val {rows[1]} of test)"
+    else:
+        train, val = digits_dataset(str(work / "digits"))
     # A short sweep first, not measured: the first Train run on a new Ray instance starts its
     # worker processes cold (torch, timm imports); without this the grid, measured first, paid
     # that alone (2026-11-23: time to target 78 s grid vs 44 s ASHA, reached by the same trial).
@@ -126,7 +152,7 @@ def main() -> None:
     targets = ", ".join(f"{r['target'] + 0.01:.3f}" for r in results.values())
     append_row(
         "bench_sweep.py",
-        f"digits, test_resnet full fine-tune, lr grid {len(LRS)} values, visiting orders (seeds) "
+        f"{data}, test_resnet full fine-tune, lr grid {len(LRS)} values, visiting orders (seeds) "
         f"{' '.join(map(str, seeds))}, {args.steps} steps, report every {args.eval_every}, "
         f"ASHA grace {args.grace} rf {args.reduction_factor}, 1 trial at a time, after a warm-up sweep; "
         f"target = grid best val_acc ({targets}) - 1 pt",
