@@ -20,14 +20,12 @@ the next trial, and the controller polls its workers every 0.5 s instead of 2 s.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 
-from common import ROOT, append_row  # benchmarks/common.py (scripts run by path)
+from common import ROOT, append_row, seconds_from_script  # benchmarks/common.py (scripts run by path)
 
 SWEEPS = """
 import argparse, json, sys, time
@@ -53,18 +51,7 @@ def one_arm(trials: int, code: str) -> float:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join([code, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with tempfile.TemporaryDirectory(prefix="bench-trial-start-") as root:
-        done = subprocess.run(
-            [sys.executable, "-c", SWEEPS, root, str(trials), str(ROOT / "benchmarks")],
-            capture_output=True,
-            text=True,
-            cwd=code,
-            env=env,
-            timeout=1800,
-        )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("SECONDS ")]
-    if done.returncode or not lines:
-        raise SystemExit(f"sweeps failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return json.loads(lines[-1].removeprefix("SECONDS "))
+        return seconds_from_script(SWEEPS, [root, str(trials), str(ROOT / "benchmarks")], code, env)
 
 
 def main() -> None:

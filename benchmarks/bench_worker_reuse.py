@@ -14,14 +14,11 @@ rounds (the machines are shared and noisy). A row goes to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 
-from common import ROOT, append_row  # benchmarks/common.py (scripts run by path)
+from common import ROOT, append_row, seconds_from_script  # benchmarks/common.py (scripts run by path)
 
 RUNS = """
 import json, sys, time
@@ -52,18 +49,8 @@ RAY_DEFAULTS = {
 def one_arm(runs: int, ray_env: dict) -> list[float]:
     env = {k: v for k, v in os.environ.items() if k not in RAY_DEFAULTS and k != "RAY_ADDRESS"}
     with tempfile.TemporaryDirectory(prefix="bench-reuse-") as root:
-        done = subprocess.run(
-            [sys.executable, "-c", RUNS, root, str(runs), str(ROOT / "configs" / "quickstart.yaml")],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env={**env, **ray_env},
-            timeout=1800,
-        )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("SECONDS ")]
-    if done.returncode or not lines:
-        raise SystemExit(f"runs failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return json.loads(lines[-1].removeprefix("SECONDS "))
+        config = str(ROOT / "configs" / "quickstart.yaml")
+        return seconds_from_script(RUNS, [root, str(runs), config], ROOT, {**env, **ray_env})
 
 
 def main() -> None:

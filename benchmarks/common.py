@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 from datetime import date
 from pathlib import Path
 
@@ -29,3 +32,14 @@ def append_row(script: str, setup: str, repforge: str, baseline: str, ratio: str
     cells = [date.today().isoformat(), script, setup, repforge, baseline, ratio, machine()]
     with RESULTS.open("a") as out:
         out.write("| " + " | ".join(c.replace("|", "/") for c in cells) + " |\n")
+
+
+def seconds_from_script(script: str, args: list[str], cwd, env: dict) -> object:
+    """Run `python -c script args...` and return the JSON after its last `SECONDS ` line."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=1800
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("SECONDS ")]
+    if done.returncode or not lines:
+        raise SystemExit(f"script failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return json.loads(lines[-1].removeprefix("SECONDS "))
