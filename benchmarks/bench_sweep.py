@@ -8,10 +8,9 @@ split into train/val; or with `--data cifar10`, random subsets of the real CIFAR
 fine-tuning test_resnet from random init, over the same grid (`--space`: 8 learning rates,
 or those x 3 methods) visited in the same (seeded, shuffled) order, one trial at a time:
 `scheduler: fifo` trains every trial to the end (plain grid search), `scheduler: asha`
-stops trials at its rungs. The
-grid's best val_acc sets the target (best - 1 point). For each sweep: seconds from its
-start to the first report at or above the target, and to its end. The ratios are grid /
-ASHA; a row goes to benchmarks/RESULTS.md.
+stops trials at its rungs. The grid's best val_acc sets the target (best - 1 point). For
+each sweep: seconds from its start to the first report at or above the target, and to its
+end. The ratios are grid / ASHA; a row goes to benchmarks/RESULTS.md.
 
 With one trial at a time, ASHA saves what the trials it stops would have cost; how much of
 that comes before the first good trial depends on the visiting order. So both sweeps run
