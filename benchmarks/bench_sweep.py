@@ -116,6 +116,12 @@ def timed_sweep(train: str, val: str, work: Path, scheduler: str, order: int, se
     return start, time.time() - start, reports(work / name)
 
 
+def seconds_to_target(start: float, rows: list[dict], target: float) -> float:
+    """Seconds from a sweep's start to its first report at or above `target` (nan: none)."""
+    hits = [r["timestamp"] - start for r in rows if r["val_acc"] >= target]
+    return min(hits) if hits else float("nan")
+
+
 def measure(train: str, val: str, work: Path, seed: int, args) -> dict:
     """Grid, then ASHA, in visiting order `seed`: seconds to the target and to the end of each."""
     runs = {
@@ -125,8 +131,7 @@ def measure(train: str, val: str, work: Path, seed: int, args) -> dict:
     target = max(r["val_acc"] for r in runs["fifo"][2]) - 0.01
     out = {"target": target}
     for scheduler, (start, total, rows) in runs.items():
-        hits = [r["timestamp"] - start for r in rows if r["val_acc"] >= target]
-        out[scheduler] = (min(hits) if hits else float("nan"), total)
+        out[scheduler] = (seconds_to_target(start, rows, target), total)
         finished = sum(1 for r in rows if r["step"] == args.steps)
         print(
             f"order {seed} {scheduler}: target {target:.3f} reached at {out[scheduler][0]:.0f}s, "
@@ -179,10 +184,9 @@ def measure_grid_once(train: str, val: str, work: Path, orders: list[int], args)
     for order in orders:
         start, total, rows = timed_sweep(train, val, work, "asha", order, 0, args)
         visits = list(dict.fromkeys(swept(r, args) for r in sorted(rows, key=lambda r: r["trial_id"])))
-        hits = [r["timestamp"] - start for r in rows if r["val_acc"] >= target]
         results[order] = {
             "target": target,
-            "asha": (min(hits) if hits else float("nan"), total),
+            "asha": (seconds_to_target(start, rows, target), total),
             "fifo": (grid_seconds_to_target(grid, visits, target, args), grid[1]),
         }
         print(f"order {order}: ASHA {results[order]['asha']}, grid {results[order]['fifo']}", flush=True)
