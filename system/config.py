@@ -268,6 +268,11 @@ class SweepConfig(Section):
     rank_prior: float | None = Field(
         None, gt=0, le=1, description="energy share for the spectrum pre-pass (sets rank_pattern); none = off"
     )
+    in_process: bool = Field(
+        False,
+        description="each trial trains in its own Tune process, with no Ray Train run to start (for many "
+        "short one-worker trials: train.workers 1; asha or fifo)",
+    )
 
 
 class JobConfig(Section):

@@ -79,10 +79,13 @@ def apply_fsdp(module: nn.Module, train_cfg, device: torch.device, bf16: bool | 
 
 
 def parallelize(module: nn.Module, train_cfg, device: torch.device) -> nn.Module:
-    """DDP through Ray Train (`prepare_model`), or FSDP2; a single worker runs unwrapped."""
+    """DDP through Ray Train (`prepare_model`), or FSDP2; a single process runs unwrapped
+    (outside Ray Train too: a sweep's in-process trial has no process group)."""
     import ray.train.torch
 
-    if train_cfg.strategy == "fsdp" and dist.is_initialized():
+    if not dist.is_initialized():
+        return module.to(device)
+    if train_cfg.strategy == "fsdp":
         return apply_fsdp(module.to(device), train_cfg, device)
     return ray.train.torch.prepare_model(module)
 

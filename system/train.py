@@ -211,15 +211,43 @@ class TimeBudget:
         return total
 
 
+class TrainWorker:
+    """What `run_loop` takes from the process it runs in, here a Ray Train worker: its rank,
+    device, dataset shards and restart checkpoint, and where its reports go. (A sweep's
+    in-process trials give it the same from a Tune trial instead: tune/in_process.py.)"""
+
+    def __init__(self):
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def checkpoint(self):
+        """This run's own latest checkpoint (a restart after a worker failure, a resumed run)."""
+        return ray.train.get_checkpoint()
+
+    def shard(self, name: str):
+        return ray.train.get_dataset_shard(name)
+
+    def report(self, metrics: dict, folder: str | None = None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def stop_requested(self) -> bool:
+        return False  # Ray Train stops its workers itself
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
+    run_loop(config, TrainWorker())
+
+
+def run_loop(config: dict, worker) -> None:
+    """The training loop: `config` from `loop_config`, `worker` a `TrainWorker` or alike."""
     cfg = JobConfig.model_validate(config["cfg"])
     job, classes = config["job"], config["classes"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world, device = worker.rank, worker.world, worker.device
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    device = ray.train.torch.get_device()
 
     module = build_model(cfg, job, len(classes))
     parameters = parameter_report(module)  # trainable, total, share
@@ -237,7 +265,7 @@ def train_loop_per_worker(config: dict) -> None:
     # This run's own checkpoint: a restart after a worker failure, or a resumed run (maybe on
     # another world size). Failing that, one the caller handed over (a sweep trial that PBT
     # restarts from another trial's checkpoint, or from its own before a pause).
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = worker.checkpoint()
     handed_over = checkpoint is None and config["start_from"] is not None
     if handed_over:
         checkpoint = config["start_from"]
@@ -258,8 +286,8 @@ def train_loop_per_worker(config: dict) -> None:
                 scheduler = cosine_with_warmup(optimizer, cfg.train.warmup_steps, total_steps)
             scheduler.load_state_dict(progress["scheduler"])
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if config["has_val"] else None
+    train_shard = worker.shard("train")
+    val_shard = worker.shard("val") if config["has_val"] else None
     evaluates = val_shard is not None and (rank == 0 or cfg.train.strategy == "fsdp")
     use_amp = device.type == "cuda" and cfg.train.strategy == "ddp"  # FSDP2 has its own bf16 policy
     accumulation = cfg.train.accumulation_steps
@@ -301,6 +329,8 @@ def train_loop_per_worker(config: dict) -> None:
             window.steps += 1
             if fault_injected(config, step, rank, world, checkpoint is not None):
                 os._exit(1)  # a hard crash: no cleanup, no report
+            if worker.stop_requested():  # a stopped in-process sweep trial: at once, no report
+                return
             timed_total = budget.after_step(step, device) if budget else None
             if timed_total is not None:
                 total_steps = progress["total_steps"] = timed_total
@@ -346,7 +376,7 @@ def train_loop_per_worker(config: dict) -> None:
                     "scheduler": scheduler.state_dict(),
                 }
                 extra_meta = per_class_report(confusion, classes) if confusion else {}
-                report(metrics, model, optimizer, progress, config, rank, should_save, last, extra_meta)
+                report(worker, metrics, model, optimizer, progress, config, should_save, last, extra_meta)
                 window = Window()
             if last:
                 break
@@ -361,10 +391,11 @@ def per_class_report(confusion: list[list[int]], classes: list[str]) -> dict:
     return {"per_class_acc": per_class, "confusion": confusion}
 
 
-def report(metrics, model, optimizer, progress, config, rank, save, final, extra_meta=None) -> None:
-    """ray.train.report from every rank; checkpoints are collective (each rank saves its shard)."""
+def report(worker, metrics, model, optimizer, progress, config, save, final, extra_meta=None) -> None:
+    """A report from every rank; checkpoints are collective (each rank saves its shard)."""
+    rank = worker.rank
     if not save:
-        ray.train.report(metrics)
+        worker.report(metrics)
         return
     state = full_model_state(model) if final else None  # collective: gathers FSDP shards
     with tempfile.TemporaryDirectory() as tmp:
@@ -376,7 +407,7 @@ def report(metrics, model, optimizer, progress, config, rank, save, final, extra
             export_artifacts(folder, state, cfg, job, meta, len(config["classes"]))
             if (folder / "adapter").is_dir():
                 metrics = {**metrics, "adapter_bytes": adapter_bytes(folder / "adapter")}
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        worker.report(metrics, tmp)
 
 
 def absolute_uris(cfg: JobConfig) -> JobConfig:
@@ -478,9 +509,7 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=(), start_from
     """
     from ray.train.torch import TorchTrainer
 
-    use_gpu = cfg.train.use_gpu
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = uses_gpu(cfg)
     spare = ray.cluster_resources().get("CPU", 0) - cfg.train.workers * cfg.train.cpus_per_worker
     if spare < 0.5:  # Ray Data's decode tasks then wait forever (unless an autoscaler adds nodes)
         print(
@@ -496,16 +525,7 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=(), start_from
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.model_dump(),
-            "job": job,
-            "classes": plan["classes"],
-            "total_steps": plan["total_steps"],
-            "meta": plan["meta"],
-            "has_val": bool(cfg.data.val),
-            "fail_at_step": int(os.environ.get("REPFORGE_FAIL_AT_STEP", 0)) or None,
-            "start_from": start_from,
-        },
+        train_loop_config=loop_config(cfg, job, plan, start_from),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.workers,
             use_gpu=use_gpu,
@@ -524,6 +544,27 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=(), start_from
             datasets_to_split=["train"], execution_options=ray.data.ExecutionOptions(preserve_order=True)
         ),
     )
+
+
+def uses_gpu(cfg: JobConfig) -> bool:
+    """train.use_gpu, or when unset, whether the cluster has GPUs."""
+    if cfg.train.use_gpu is None:
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return cfg.train.use_gpu
+
+
+def loop_config(cfg: JobConfig, job: str, plan: dict, start_from=None) -> dict:
+    """What `run_loop` reads: the config, the driver's plan, and a checkpoint to start from."""
+    return {
+        "cfg": cfg.model_dump(),
+        "job": job,
+        "classes": plan["classes"],
+        "total_steps": plan["total_steps"],
+        "meta": plan["meta"],
+        "has_val": bool(cfg.data.val),
+        "fail_at_step": int(os.environ.get("REPFORGE_FAIL_AT_STEP", 0)) or None,
+        "start_from": start_from,
+    }
 
 
 def train_storage(storage_root: str) -> str:

@@ -400,6 +400,73 @@ def test_asha_sweep_interrupted_resumed_and_reported(ray_local, digits_data, tmp
     assert ray_local.available_resources().get("CPU", 0) == 2
 
 
+# -- the same sweep with in-process trials: no Ray Train run per trial ---------------------
+
+
+@pytest.mark.slow
+def test_in_process_trials_train_as_train_runs_do(ray_local, digits_data, tmp_path):
+    import json
+
+    from system.train import run_training
+    from tune.sweep import run_sweep
+
+    tree = sweep_tree(*digits_data, tmp_path)
+    tree["sweep"]["in_process"] = True
+    run_sweep(build_config(tree))
+    folder = tmp_path / "asha"
+    with open(folder / "leaderboard.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["status"], float(r["train.lr"]), r["steps"]) for r in rows] == [
+        ("DONE", 1e-2, "12"),
+        ("STOPPED", 1e-8, "8"),  # stopped at its rung; its loop returned at once (the CPUs below)
+    ], rows
+    assert read_meta(str(folder / "best" / "model"))["metrics"]["loss"] == pytest.approx(
+        float(rows[0]["loss"])
+    )
+
+    # The same loop on the same data as a Ray Train run of that config: the same losses.
+    reference = build_config(
+        {**tree, "train": {**tree["train"], "lr": 1e-2}, "run": {**tree["run"], "name": "ref"}}
+    )
+    run_training(reference, "finetune")
+
+    def losses(path):
+        return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
+
+    in_process = losses(folder / "trials" / rows[0]["trial_id"] / "metrics.jsonl")
+    assert in_process == pytest.approx(losses(tmp_path / "ref" / "metrics.jsonl"), rel=1e-4)
+    assert len(in_process) == 3 and in_process[-1] < 0.8 * in_process[0]  # it trained
+    deadline = time.monotonic() + 30
+    while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ray_local.available_resources().get("CPU", 0) == 2
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"train": {"workers": 2}}, "set train.workers 1"),
+        ({"sweep": {"space": {"train.workers": {"choice": [1, 2]}}}}, "set train.workers 1"),
+        (
+            {"train": {"eval_every": 4, "checkpoint_every": 8}, "sweep": {"scheduler": "pbt"}},
+            "use asha or fifo",
+        ),
+    ],
+)
+def test_in_process_refuses_what_it_cannot_run(change, words):
+    from tune.search import check_search
+
+    tree = {
+        "train": {"workers": 1},
+        "sweep": {"in_process": True, "space": {"train.lr": {"choice": [0.1, 0.01]}}},
+    }
+    check_search(build_config(tree))  # the base case is valid
+    for section, values in change.items():
+        tree[section] = {**tree[section], **values}
+    with pytest.raises(ConfigError, match=f"^sweep.in_process: .*{words}"):
+        check_search(build_config(tree))
+
+
 # -- a real PBT sweep on digits: the weak trial goes on from the strong one's checkpoint ------
 
 

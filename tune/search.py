@@ -58,6 +58,8 @@ def check_search(cfg: JobConfig) -> None:
         raise ConfigError("finetune.closed_form: sweeps train by SGD; run it with repforge finetune")
     if sweep.scheduler == "pbt":
         _check_pbt(cfg)
+    if sweep.in_process:
+        _check_in_process(cfg)
     for key, spec in sweep.space.items():
         domain = _domain(spec)
         if domain is None:
@@ -66,6 +68,14 @@ def check_search(cfg: JobConfig) -> None:
             raise ConfigError(f"sweep.space.{key}: search grid needs choice or grid values, not {domain[0]}")
         if sweep.search.startswith("optuna") and domain[0] == "grid":
             raise ConfigError(f"sweep.space.{key}: search {sweep.search} samples; write choice, not grid")
+
+
+def _check_in_process(cfg: JobConfig) -> None:
+    """An in-process trial is one training process, whose reports go straight to Tune."""
+    if cfg.train.workers != 1 or "train.workers" in cfg.sweep.space:
+        raise ConfigError("sweep.in_process: a trial trains in one process; set train.workers 1 (not swept)")
+    if cfg.sweep.scheduler == "pbt":
+        raise ConfigError("sweep.in_process: pbt trials run as Ray Train runs; use asha or fifo")
 
 
 def _check_pbt(cfg: JobConfig) -> None:

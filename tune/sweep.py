@@ -55,9 +55,11 @@ from system.train import (
     planned_steps,
     publish_result,
     train_storage,
+    uses_gpu,
 )
 from system.train_callbacks import MetricsLogger
 from tune.callbacks import ControllerHandoff, ReportToTune
+from tune.in_process import stop_trial, train_in_process, trial_resources
 from tune.ranks import describe, spectrum_prior
 from tune.report import finite as _finite
 from tune.report import format_table, pareto_front, pareto_png, sort_rows, to_csv
@@ -86,11 +88,12 @@ def sweep_trial(config: dict, base: dict, job: str, sweep_name: str, forward_che
         plan["run_name"] = _next_generation(cfg.run.storage, trial_run)
         source = _trial_id_in(os.path.dirname(start_from.path))
         print(f"[sweep] trial {trial_id} goes on from trial {source}'s {start_from.path}", flush=True)
+    logger = MetricsLogger(cfg.run.storage, trial_run)  # trials/{id}/metrics.jsonl: all its runs
+    if cfg.sweep.in_process:  # no Train run: this process trains (tune/in_process.py)
+        train_in_process(cfg, job, plan, start_from, logger)
+        return
     handoff, staging = _handoff_path(trial_id), _staging_path(trial_id)
-    callbacks = [
-        MetricsLogger(cfg.run.storage, trial_run),  # trials/{id}/metrics.jsonl: all its Train runs
-        ControllerHandoff(str(handoff)),
-    ]
+    callbacks = [logger, ControllerHandoff(str(handoff))]
     _RUNNING.add(trial_id)
     try:
         if forward_checkpoints:  # PBT: reports carry checkpoints to Tune (see tune/callbacks.py)
@@ -185,10 +188,12 @@ def _trial_trainable(fn):
 
     class SweepTrial(wrap_function(fn)):
         def cleanup(self):
+            stop_trial()
             _abort_train_runs()
             super().cleanup()
 
         def reset_config(self, new_config):
+            stop_trial()  # an in-process trial's loop returns; Tune waits 2 s for it
             _abort_train_runs()
             return super().reset_config(new_config)
 
@@ -231,8 +236,10 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
         )
     )
     # The driver function only waits on its Train run: the CPUs go to the workers and Ray Data.
-    # (Tune refuses an empty request, so it asks for some memory instead of a CPU.)
-    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": DRIVER_MEMORY})
+    # (Tune refuses an empty request, so it asks for some memory instead of a CPU.) An
+    # in-process trial trains itself: it asks for the worker's CPUs (and GPU).
+    resources = trial_resources(cfg) if cfg.sweep.in_process else {"CPU": 0, "memory": DRIVER_MEMORY}
+    trainable = tune.with_resources(trainable, resources)
     reports = _reports_per_trial(plan["total_steps"], cfg.train.eval_every)
     if reports == 1 and cfg.sweep.scheduler == "asha":
         print("[sweep] each trial reports once (train.eval_every is 0 or large): no trial can stop early")
@@ -261,6 +268,11 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
                 storage_path=sweep_uri,
                 # One failing trial is recorded on the leaderboard; the others go on.
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                # In-process trials report their checkpoints to Tune: keep as few as Train would.
+                # (Not under PBT, whose exploits clone older checkpoints.)
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=cfg.train.keep_last if cfg.sweep.in_process else None
+                ),
                 verbose=1,
             ),
         )
@@ -288,14 +300,22 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
     best_tree = _with_overrides(cfg.model_dump(mode="json"), result.config["overrides"])
     set_dotted(best_tree, "run.name", f"{name}-best")
     _write_text(storage.join(sweep_uri, "best.yaml"), yaml.safe_dump(best_tree, sort_keys=False))
+    checkpoint, published = _last_checkpoint(result, cfg), {}
+    if checkpoint is not None:
+        published = publish_result(SimpleNamespace(checkpoint=checkpoint), cfg, job, f"{name}/best")
+    if "model" not in published:  # stopped before its end, or a run's last checkpoint, not its final one
+        print(f"[sweep] best trial {best['trial_id']} left no final checkpoint: no best/model", flush=True)
+    return sweep_uri
+
+
+def _last_checkpoint(result, cfg: JobConfig):
+    """The trial's last checkpoint: its Train run's (whose path its reports carry), or for an
+    in-process trial, the last one it reported to Tune."""
     checkpoint_path = result.metrics.get("checkpoint_path")
     if checkpoint_path:
         fs, _ = storage.filesystem(cfg.run.storage)
-        checkpoint = ray.train.Checkpoint(checkpoint_path, filesystem=fs)
-        publish_result(SimpleNamespace(checkpoint=checkpoint), cfg, job, f"{name}/best")
-    else:
-        print(f"[sweep] best trial {best['trial_id']} left no final checkpoint: no best/model", flush=True)
-    return sweep_uri
+        return ray.train.Checkpoint(checkpoint_path, filesystem=fs)
+    return result.checkpoint
 
 
 def leaderboard(grid, cfg: JobConfig, job: str) -> list[dict]:
@@ -448,8 +468,7 @@ def _max_concurrent(cfg: JobConfig) -> int:
     resources = ray.cluster_resources()
     per_trial = cfg.train.workers * cfg.train.cpus_per_worker + 1
     fit = int(resources.get("CPU", 1) // per_trial)
-    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else resources.get("GPU", 0) > 0
-    if use_gpu:
+    if uses_gpu(cfg):
         fit = min(fit, int(resources.get("GPU", 0) // cfg.train.workers))
     return max(1, fit)
 
