@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_sweep.py [--steps 60] [--eval-every 10] [--grace 3]
         [--reduction-factor 2] [--seeds 0 1 2] [--data cifar10] [--space lr-method] [--grid-once]
+        [--in-process]
 
 Both sweeps are `repforge sweep` (tune.sweep.run_sweep) on the real digits data (sklearn's,
 split into train/val; or with `--data cifar10`, random subsets of the real CIFAR-10),
@@ -22,7 +23,9 @@ target in each order is summed from its per-trial times (measure_grid_once).
 How much ASHA can save is bounded by the space and by what a trial costs: with one trial at
 a time, if the first good point is the k-th visited, a grid pays k whole trials (F seconds
 each) and ASHA about k-1 stopped ones (S each) and one whole: k F / ((k-1) S + F). Starting
-a Ray Train run costs about 15 s here, so S is at least that.
+a Ray Train run costs about 15 s here, so S is at least that. With `--in-process` both
+sweeps run their trials in Tune's own processes (`sweep.in_process`), with no Train run to
+start.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def sweep_tree(train: str, val: str, storage: str, name: str, scheduler: str, sp
         "sweep": {
             **{"scheduler": scheduler, "search": "grid", "num_samples": 1, "max_concurrent": 1},
             **{"grace_period": args.grace, "reduction_factor": args.reduction_factor},
-            **{"metric": "val_acc", "mode": "max", "space": space},
+            **{"metric": "val_acc", "mode": "max", "space": space, "in_process": args.in_process},
         },
     }
 
@@ -206,6 +209,7 @@ def main() -> None:
     )
     # digits: most of the grid reaches the target. CIFAR-10 (../shared): a harder task, where
     # the learning rates spread out more.
+    parser.add_argument("--in-process", action="store_true", help="sweep.in_process: no Train run per trial")
     parser.add_argument("--data", choices=["digits", "cifar10"], default="digits")
     parser.add_argument("--train-rows", type=int, default=5000, help="cifar10: training images")
     parser.add_argument("--val-rows", type=int, default=1000, help="cifar10: validation images")
@@ -251,7 +255,8 @@ def main() -> None:
         "bench_sweep.py",
         f"{data}, test_resnet from random init, grid {grid}, visiting orders "
         f"{' '.join(map(str, seeds))}, {args.steps} steps, report every {args.eval_every}, "
-        f"ASHA grace {args.grace} rf {args.reduction_factor}, 1 trial at a time, after a warm-up sweep; "
+        f"ASHA grace {args.grace} rf {args.reduction_factor}, 1 trial at a time"
+        f"{' (in-process trials)' if args.in_process else ''}, after a warm-up sweep; "
         f"target = grid best val_acc ({targets}) - 1 pt",
         f"ASHA, {per_seed}",
         "grid: one grid run (training seed 0), its time to target summed from its per-trial times in "
