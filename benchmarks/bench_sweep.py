@@ -75,7 +75,9 @@ def sweep_tree(train: str, val: str, storage: str, name: str, scheduler: str, sp
         "sweep": {
             **{"scheduler": scheduler, "search": "grid", "num_samples": 1, "max_concurrent": 1},
             **{"grace_period": args.grace, "reduction_factor": args.reduction_factor},
-            **{"metric": "val_acc", "mode": "max", "space": space, "in_process": args.in_process},
+            **{"metric": "val_acc", "mode": "max", "space": space},
+            # Only when set: the baseline arm of bench_trial_start runs older code, without the key.
+            **({"in_process": True} if args.in_process else {}),
         },
     }
 

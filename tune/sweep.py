@@ -22,6 +22,11 @@ best trial's `best/model` (and `best/adapter`), each trial's `trials/<id>/metric
 `rank_prior.json` when used, and Tune's own state in `_tune/` (with PBT: the checkpoint
 copies, and `pbt_global.txt`, one line per exploit). The trials' Train runs live in
 `{storage}/_ray/`. A trial that fails is an ERROR row; the others go on.
+
+With `sweep.in_process: true` (one-worker trials; ASHA or FIFO) a trial fits no
+TorchTrainer: its own Tune process runs the same training loop and reports straight to
+Tune (tune/in_process.py), which saves the start of a Train run on every trial, the most
+of what a short or early-stopped trial costs. Its checkpoints are Tune's, in `_tune/`.
 """
 
 from __future__ import annotations
