@@ -353,7 +353,8 @@ def sweep_tree(train: str, val: str, storage) -> dict:
 
 
 @pytest.mark.slow
-def test_asha_sweep_interrupted_resumed_and_reported(ray_local, digits_data, tmp_path):
+@pytest.mark.parametrize("in_process", [False, True], ids=["train-runs", "in-process"])
+def test_asha_sweep_interrupted_resumed_and_reported(ray_local, digits_data, tmp_path, in_process):
     import os
     import signal
     import subprocess
@@ -364,6 +365,7 @@ def test_asha_sweep_interrupted_resumed_and_reported(ray_local, digits_data, tmp
     from tune.sweep import run_sweep
 
     tree = sweep_tree(*digits_data, tmp_path)
+    tree["sweep"]["in_process"] = in_process
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(tree))
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "system.cli", "sweep", "--config", str(tmp_path / "sweep.yaml")]
@@ -393,7 +395,7 @@ def test_asha_sweep_interrupted_resumed_and_reported(ray_local, digits_data, tmp
     assert read_meta(str(folder / "best" / "model"))["metrics"]["loss"] == pytest.approx(
         float(rows[0]["loss"])
     )
-    # The Train runs of the trials ASHA stopped gave their CPUs back.
+    # The Train runs (or in-process trials) that ASHA stopped gave their CPUs back.
     deadline = time.monotonic() + 30
     while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(1)
