@@ -21,6 +21,15 @@ def base_tree(**space) -> dict:
     return {"sweep": {"space": space}, "model": {"name": "test_resnet", "kwargs": {}}}
 
 
+def assert_cpus_given_back(ray) -> None:
+    """Every trial (Train run, in-process trial, or one a scheduler stopped mid-run) gave its
+    CPUs back to the 2-CPU test instance; Ray frees them a moment after a trial ends."""
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ray.available_resources().get("CPU", 0) == 2
+
+
 @pytest.mark.parametrize(
     "space, key, words",
     [
@@ -128,10 +137,7 @@ def test_quickstart_sweep_outputs(ray_local, quickstart_run):
         assert (folder / "trials" / row["trial_id"] / "metrics.jsonl").is_file()
 
     # Every trial gave its CPUs back, including one that ASHA may have stopped mid-run.
-    deadline = time.monotonic() + 30
-    while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(1)
-    assert ray_local.available_resources().get("CPU", 0) == 2
+    assert_cpus_given_back(ray_local)
 
 
 # -- search algorithms, schedulers, Pareto front (no Ray) -------------------------------
@@ -396,10 +402,7 @@ def test_asha_sweep_interrupted_resumed_and_reported(ray_local, digits_data, tmp
         float(rows[0]["loss"])
     )
     # The Train runs (or in-process trials) that ASHA stopped gave their CPUs back.
-    deadline = time.monotonic() + 30
-    while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(1)
-    assert ray_local.available_resources().get("CPU", 0) == 2
+    assert_cpus_given_back(ray_local)
 
 
 # -- the same sweep with in-process trials: no Ray Train run per trial ---------------------
@@ -438,10 +441,7 @@ def test_in_process_trials_train_as_train_runs_do(ray_local, digits_data, tmp_pa
     in_process = losses(folder / "trials" / rows[0]["trial_id"] / "metrics.jsonl")
     assert in_process == pytest.approx(losses(tmp_path / "ref" / "metrics.jsonl"), rel=1e-4)
     assert len(in_process) == 3 and in_process[-1] < 0.8 * in_process[0]  # it trained
-    deadline = time.monotonic() + 30
-    while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(1)
-    assert ray_local.available_resources().get("CPU", 0) == 2
+    assert_cpus_given_back(ray_local)
 
 
 @pytest.mark.parametrize(
@@ -541,10 +541,7 @@ def test_pbt_sweep_hands_checkpoints_over_with_the_mutated_lr(ray_local, digits_
     best_loss = read_meta(str(folder / "best" / "model"))["metrics"]["loss"]
     assert best_loss == pytest.approx(float(rows[0]["loss"]))
     # The runs that PBT stopped (to clone, or to pause) gave their CPUs back.
-    deadline = time.monotonic() + 30
-    while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(1)
-    assert ray_local.available_resources().get("CPU", 0) == 2
+    assert_cpus_given_back(ray_local)
 
 
 def test_invalid_space_exits_2_with_one_line(tmp_path):

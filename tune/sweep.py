@@ -84,19 +84,20 @@ def sweep_trial(config: dict, base: dict, job: str, sweep_name: str, forward_che
     set_dotted(tree, "run.name", trial_run)
     cfg = build_config(tree)
     plan = plan_run(cfg, job)
-    # The Train run is named after the trial, so a resumed sweep resumes its Train runs too. A
-    # trial that Tune starts from a checkpoint (PBT: another trial's, or its own after a pause)
-    # needs a new Train run: one of an existing name would resume its own latest checkpoint.
-    start_from = tune.get_checkpoint()
+    start_from = tune.get_checkpoint()  # PBT: another trial's; or its own, after a pause
     source = ""
     if start_from is not None:
-        plan["run_name"] = _next_generation(cfg.run.storage, trial_run)
         source = _trial_id_in(os.path.dirname(start_from.path))
         print(f"[sweep] trial {trial_id} goes on from trial {source}'s {start_from.path}", flush=True)
     logger = MetricsLogger(cfg.run.storage, trial_run)  # trials/{id}/metrics.jsonl: all its runs
     if cfg.sweep.in_process:  # no Train run: this process trains (tune/in_process.py)
         train_in_process(cfg, job, plan, start_from, logger)
         return
+    # The Train run is named after the trial, so a resumed sweep resumes its Train runs too. A
+    # trial that Tune starts from a checkpoint needs a new Train run: one of an existing name
+    # would resume its own latest checkpoint instead.
+    if start_from is not None:
+        plan["run_name"] = _next_generation(cfg.run.storage, trial_run)
     handoff, staging = _handoff_path(trial_id), _staging_path(trial_id)
     callbacks = [logger, ControllerHandoff(str(handoff))]
     _RUNNING.add(trial_id)

@@ -1,0 +1,209 @@
+"""Replay Ray Tune's early-stopping schedulers over a measured grid run, in every visiting order.
+
+    .venv/bin/python benchmarks/replay_sweep.py /tmp/bench-sweep-XXXX [--orders 200]
+
+bench_sweep.py measures ASHA against grid search in a few visiting orders of the grid, and
+on a space where one point reaches the target its ratio depends mostly on where that point
+comes: the median of 3 orders is a noisy number, and each order costs ~10 minutes of
+this 2-core machine. Its grid run (the folder's `fifo-order0`) holds every point's whole
+learning curve, with the wall-clock time of each report. With one trial at a time, and
+trials that train the same in every sweep (training seed 0; tests/test_sweep.py checks that
+in-process trials match Train runs), a sweep in another order under a scheduler is those
+curves cut where the scheduler stops them. This script feeds the grid's reports, order by
+order, to the real Ray Tune scheduler objects (ASHAScheduler, MedianStoppingRule), and adds
+up the wall time of what would run.
+
+A model built on a measurement, not a measurement. What it leaves out: run-to-run noise in
+the curves and times, and what stopping a trial costs (in-process: nothing measurable, as
+the gaps between reports of the ASHA runs in the folder show). So it first replays the
+folder's measured ASHA runs (`asha-order<k>`) in their own visiting orders and prints the
+measured ratio beside the replayed one; then, for each setting, the median ratio over
+`--orders` visiting orders and the share of orders at x3 or more. A row goes to RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+import yaml
+from bench_sweep import SPACES, grid_seconds_to_target, reports, shuffled_space, swept
+from common import append_row
+from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule, TrialScheduler
+
+
+class Trial:
+    """What the schedulers read of a Tune trial: its id (MedianStoppingRule also hashes it)."""
+
+    def __init__(self, trial_id: str):
+        self.trial_id = trial_id
+
+
+class NothingQueued:
+    """What MedianStoppingRule asks of Tune's controller, with one trial at a time: which trials
+    wait to run (it pauses a trial for them when it has too few others to compare with)."""
+
+    def get_live_trials(self):
+        return []
+
+
+class GridRun:
+    """A grid run's reports, per point, each with the seconds since that point's trial started
+    (the end of the trial before it; for the first trial, the median of the others' gaps)."""
+
+    def __init__(self, folder: Path, space: str):
+        self.rows = reports(folder)
+        self.space = space
+        by_point: dict[tuple, list[dict]] = {}
+        for row in sorted(self.rows, key=lambda r: r["training_iteration"]):
+            by_point.setdefault(swept(row, self), []).append(row)
+        ends = sorted((group[-1]["timestamp"], point) for point, group in by_point.items())
+        began = {point: end for (end, _), (_, point) in zip(ends, ends[1:])}
+        first_gap = median(by_point[p][0]["timestamp"] - began[p] for p in began)
+        began[ends[0][1]] = by_point[ends[0][1]][0]["timestamp"] - first_gap
+        self.start = began[ends[0][1]]
+        self.curves = {
+            point: [{**r, "elapsed": r["timestamp"] - began[point]} for r in group]
+            for point, group in by_point.items()
+        }
+        self.target = max(r["val_acc"] for r in self.rows) - 0.01
+
+    def grid_seconds(self, visits: list[tuple]) -> float:
+        return grid_seconds_to_target((self.start, None, self.rows), visits, self.target, self)
+
+
+def replay(grid: GridRun, visits: list[tuple], scheduler) -> float:
+    """Seconds to the first report at or above the target, trials run one at a time in order
+    `visits`, each cut where `scheduler` stops it (nan: the target is never reached)."""
+    controller, elapsed = NothingQueued(), 0.0
+    for index, point in enumerate(visits):
+        trial = Trial(f"{index:05d}")
+        scheduler.on_trial_add(controller, trial)
+        curve = grid.curves[point]
+        for row in curve:
+            if row["val_acc"] >= grid.target:
+                return elapsed + row["elapsed"]
+            if scheduler.on_trial_result(controller, trial, row) == TrialScheduler.STOP:
+                elapsed += row["elapsed"]
+                break
+        else:
+            scheduler.on_trial_complete(controller, trial, curve[-1])
+            elapsed += curve[-1]["elapsed"]
+    return float("nan")
+
+
+def ceiling(grid: GridRun, visits: list[tuple]) -> float:
+    """Seconds to the target for a scheduler that knew the future: every trial that never
+    reaches the target stops at its first report. No scheduler gets there; it bounds them all."""
+    elapsed = 0.0
+    for point in visits:
+        hits = [r["elapsed"] for r in grid.curves[point] if r["val_acc"] >= grid.target]
+        if hits:
+            return elapsed + hits[0]
+        elapsed += grid.curves[point][0]["elapsed"]
+    return float("nan")
+
+
+def asha(grace: int, rf: int, reports_per_trial: int):
+    # As tune/search.py builds it for `repforge sweep`.
+    return ASHAScheduler(
+        metric="val_acc",
+        mode="max",
+        time_attr="training_iteration",
+        grace_period=min(grace, reports_per_trial),
+        max_t=reports_per_trial,
+        reduction_factor=rf,
+        stop_last_trials=False,
+    )
+
+
+def median_rule(grace: int):
+    return MedianStoppingRule(
+        time_attr="training_iteration",
+        metric="val_acc",
+        mode="max",
+        grace_period=grace,
+        min_samples_required=3,
+    )
+
+
+def visiting_order(space: str, order: int) -> list[tuple]:
+    """bench_sweep's grid in order `order`: Tune nests the keys, the last one varying fastest."""
+    return list(itertools.product(*(spec["grid"] for spec in shuffled_space(space, order).values())))
+
+
+def measured_runs(folder: Path, grid: GridRun) -> list[tuple[str, float, float]]:
+    """(name, measured ratio, replayed ratio) for each ASHA run in the folder, in its own order."""
+    out = []
+    for run in sorted(folder.glob("asha-order*")):
+        sweep = yaml.safe_load((run / "best.yaml").read_text())["sweep"]
+        rows = reports(run)
+        visits = list(dict.fromkeys(swept(r, grid) for r in sorted(rows, key=lambda r: r["trial_id"])))
+        # The sweep's start, as GridRun estimates the grid's: first report less the median gap.
+        first = min(rows, key=lambda r: r["timestamp"])
+        start = first["timestamp"] - (grid.curves[swept(first, grid)][0]["elapsed"])
+        hits = [r["timestamp"] - start for r in rows if r["val_acc"] >= grid.target]
+        measured = min(hits) if hits else float("nan")
+        per_trial = max(len(c) for c in grid.curves.values())
+        replayed = replay(grid, visits, asha(sweep["grace_period"], sweep["reduction_factor"], per_trial))
+        grid_seconds = grid.grid_seconds(visits)
+        out.append((run.name, grid_seconds / measured, grid_seconds / replayed))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folder", type=Path, help="a bench_sweep.py work folder with fifo-order0/")
+    parser.add_argument("--space", choices=sorted(SPACES), default="lr-method", help="its --space")
+    parser.add_argument("--orders", type=int, default=200, help="visiting orders to replay")
+    args = parser.parse_args()
+    grid = GridRun(args.folder / "fifo-order0", args.space)
+    per_trial = max(len(c) for c in grid.curves.values())
+    reaching = [p for p, c in grid.curves.items() if max(r["val_acc"] for r in c) >= grid.target]
+    print(f"target {grid.target:.3f}; {len(reaching)} of {len(grid.curves)} points reach it: {reaching}")
+
+    grid_total = max(r["timestamp"] for r in grid.rows) - grid.start
+    measured = yaml.safe_load(next(args.folder.glob("asha-order*/best.yaml")).read_text())["sweep"]
+    asha_setting = f"grace {measured['grace_period']} rf {measured['reduction_factor']}" + (
+        ", in-process trials" if measured.get("in_process") else ""
+    )
+    checks = measured_runs(args.folder, grid)
+    for name, measured, replayed in checks:
+        print(f"{name}: measured x{measured:.2f}, replayed x{replayed:.2f}")
+
+    settings = {f"ASHA grace {g} rf {rf}": (asha, g, rf, per_trial) for g in (1, 2, 3) for rf in (2, 3, 4)}
+    settings.update({f"median rule grace {g}": (median_rule, g) for g in (1, 2, 3)})
+    orders = [visiting_order(args.space, k) for k in range(args.orders)]
+    grid_seconds = np.array([grid.grid_seconds(o) for o in orders])
+    bound = np.median(grid_seconds / np.array([ceiling(grid, o) for o in orders]))
+    summary = [
+        f"ceiling (trials that never reach the target stopped at their first report): median x{bound:.2f}"
+    ]
+    print(summary[0])
+    for label, (factory, *params) in settings.items():
+        ratios = grid_seconds / np.array([replay(grid, o, factory(*params)) for o in orders])
+        missed = np.isnan(ratios).mean()  # such an order counts as x0 in the median
+        line = (
+            f"{label}: median x{np.median(np.nan_to_num(ratios)):.2f}, "
+            f"x3 or more in {(ratios >= 3).mean():.0%} of orders, target missed in {missed:.0%}"
+        )
+        print(line, flush=True)
+        summary.append(line)
+    append_row(
+        "replay_sweep.py",
+        f"replay (a model, not a measurement) of Ray Tune schedulers over the grid run ({grid_total:.0f} s) "
+        f"of the bench_sweep.py row with ASHA {asha_setting} "
+        f"(bench_sweep --space {args.space}, {per_trial} reports per trial, {len(reaching)} of "
+        f"{len(grid.curves)} points reach the target {grid.target:.3f}), {args.orders} visiting orders",
+        "; ".join(summary),
+        "grid: the same orders, from the grid run's per-trial times",
+        "check against the measured ASHA runs in the folder (measured / replayed): "
+        + ", ".join(f"{name} x{m:.2f} / x{r:.2f}" for name, m, r in checks),
+    )
+
+
+if __name__ == "__main__":
+    main()
