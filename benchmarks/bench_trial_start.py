@@ -42,7 +42,9 @@ from tune.sweep import run_sweep
 
 root, trials, in_process = sys.argv[1], int(sys.argv[2]), sys.argv[4] == "1"
 train, val = digits_dataset(root + "/digits")
-args = argparse.Namespace(seed=0, steps=20, eval_every=10, grace=1, reduction_factor=3, in_process=in_process)
+args = argparse.Namespace(
+    seed=0, steps=20, eval_every=10, grace=1, reduction_factor=3, in_process=in_process, init=None
+)
 lrs = [1e-3, 3e-3, 1e-2, 3e-4, 3e-2, 1e-4, 1e-5, 3e-5][:trials]
 warmup = {"train.lr": {"grid": lrs[:1]}}
 run_sweep(build_config(sweep_tree(train, val, root, "warmup", "fifo", warmup, args)))
