@@ -32,7 +32,10 @@ import numpy as np
 import yaml
 from bench_sweep import SPACES, grid_seconds_to_target, reports, shuffled_space, swept
 from common import append_row
-from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule, TrialScheduler
+from ray.tune.schedulers import MedianStoppingRule, TrialScheduler
+
+from system.config import build_config
+from tune.search import build_scheduler
 
 
 class Trial:
@@ -108,15 +111,16 @@ def ceiling(grid: GridRun, visits: list[tuple]) -> float:
 
 
 def asha(grace: int, rf: int, reports_per_trial: int):
-    # As tune/search.py builds it for `repforge sweep`.
-    return ASHAScheduler(
-        metric="val_acc",
-        mode="max",
-        time_attr="training_iteration",
-        grace_period=min(grace, reports_per_trial),
-        max_t=reports_per_trial,
-        reduction_factor=rf,
-        stop_last_trials=False,
+    """ASHA exactly as `repforge sweep` builds it (tune/search.py)."""
+    sweep = {
+        "scheduler": "asha",
+        "grace_period": grace,
+        "reduction_factor": rf,
+        "metric": "val_acc",
+        "mode": "max",
+    }
+    return build_scheduler(
+        build_config({"model": {"name": "test_resnet"}, "sweep": sweep}), reports_per_trial
     )
 
 
