@@ -178,7 +178,8 @@ def main() -> None:
     for name, measured, replayed in checks:
         print(f"{name}: measured x{measured:.2f}, replayed x{replayed:.2f}")
 
-    settings = {f"ASHA grace {g} rf {rf}": (asha, g, rf, per_trial) for g in (1, 2, 3) for rf in (2, 3, 4)}
+    graces = (1, 2, 3, 5, 9)  # reports; 5 and 9 are a quarter and near half of a 20-report trial
+    settings = {f"ASHA grace {g} rf {rf}": (asha, g, rf, per_trial) for g in graces for rf in (2, 3, 4)}
     settings.update({f"median rule grace {g}": (median_rule, g) for g in (1, 2, 3)})
     orders = [visiting_order(args.space, k) for k in range(args.orders)]
     grid_seconds = np.array([grid.grid_seconds(o) for o in orders])
