@@ -1,6 +1,7 @@
 """Replay Ray Tune's early-stopping schedulers over a measured grid run, in every visiting order.
 
-    .venv/bin/python benchmarks/replay_sweep.py /tmp/bench-sweep-XXXX [--orders 200]
+    .venv/bin/python benchmarks/replay_sweep.py /tmp/bench-sweep-XXXX [--orders 200] [--save FILE]
+    .venv/bin/python benchmarks/replay_sweep.py benchmarks/curves/lr-method-pretrained-rf3.json
 
 bench_sweep.py measures ASHA against grid search in a few visiting orders of the grid, and
 on a space where one point reaches the target its ratio depends mostly on where that point
@@ -19,12 +20,17 @@ the gaps between reports of the ASHA runs in the folder show). So it first repla
 folder's measured ASHA runs (`asha-order<k>`) in their own visiting orders and prints the
 measured ratio beside the replayed one; then, for each setting, the median ratio over
 `--orders` visiting orders and the share of orders at x3 or more. A row goes to RESULTS.md.
+
+A work folder lives in /tmp. `--save benchmarks/curves/NAME.json` keeps the reports the
+replay reads (about 160 KB); the script takes that file in place of the folder, so a row can
+be replayed again, or against another scheduler, without running the grid again.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 from pathlib import Path
 from statistics import median
 
@@ -57,8 +63,8 @@ class GridRun:
     """A grid run's reports, per point, each with the seconds since that point's trial started
     (the end of the trial before it; for the first trial, the median of the others' gaps)."""
 
-    def __init__(self, folder: Path, space: str):
-        self.rows = reports(folder)
+    def __init__(self, rows: list[dict], space: str):
+        self.rows = rows
         self.space = space
         by_point: dict[tuple, list[dict]] = {}
         for row in sorted(self.rows, key=lambda r: r["training_iteration"]):
@@ -76,6 +82,28 @@ class GridRun:
 
     def grid_seconds(self, visits: list[tuple]) -> float:
         return grid_seconds_to_target((self.start, None, self.rows), visits, self.target, self)
+
+
+def load_runs(source: Path) -> dict:
+    """The grid's reports and each measured ASHA run's (with its settings), from a bench_sweep
+    work folder (Tune's records) or from the JSON that `--save` wrote of one."""
+    if source.is_file():
+        return json.loads(source.read_text())
+
+    def slim(rows: list[dict]) -> list[dict]:
+        keys = ("training_iteration", "step", "timestamp")
+        return [
+            {"trial_id": r["trial_id"], "overrides": r["overrides"], "val_acc": float(r["val_acc"])}
+            | {key: int(r[key]) for key in keys}
+            for r in rows
+        ]
+
+    runs = {"grid": slim(reports(source / "fifo-order0")), "asha": {}}
+    for run in sorted(source.glob("asha-order*")):
+        sweep = yaml.safe_load((run / "best.yaml").read_text())["sweep"]
+        settings = {key: sweep.get(key) for key in ("grace_period", "reduction_factor", "in_process")}
+        runs["asha"][run.name] = {"sweep": settings, "rows": slim(reports(run))}
+    return runs
 
 
 def replay(grid: GridRun, visits: list[tuple], scheduler) -> float:
@@ -139,12 +167,11 @@ def visiting_order(space: str, order: int) -> list[tuple]:
     return list(itertools.product(*(spec["grid"] for spec in shuffled_space(space, order).values())))
 
 
-def measured_runs(folder: Path, grid: GridRun) -> list[tuple[str, float, float]]:
-    """(name, measured ratio, replayed ratio) for each ASHA run in the folder, in its own order."""
+def measured_runs(asha_runs: dict, grid: GridRun) -> list[tuple[str, float, float]]:
+    """(name, measured ratio, replayed ratio) for each measured ASHA run, in its own order."""
     out = []
-    for run in sorted(folder.glob("asha-order*")):
-        sweep = yaml.safe_load((run / "best.yaml").read_text())["sweep"]
-        rows = reports(run)
+    for name, run in asha_runs.items():
+        sweep, rows = run["sweep"], run["rows"]
         visits = list(dict.fromkeys(swept(r, grid) for r in sorted(rows, key=lambda r: r["trial_id"])))
         # The sweep's start, as GridRun estimates the grid's: first report less the median gap.
         first = min(rows, key=lambda r: r["timestamp"])
@@ -154,27 +181,38 @@ def measured_runs(folder: Path, grid: GridRun) -> list[tuple[str, float, float]]
         per_trial = max(len(c) for c in grid.curves.values())
         replayed = replay(grid, visits, asha(sweep["grace_period"], sweep["reduction_factor"], per_trial))
         grid_seconds = grid.grid_seconds(visits)
-        out.append((run.name, grid_seconds / measured, grid_seconds / replayed))
+        out.append((name, grid_seconds / measured, grid_seconds / replayed))
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("folder", type=Path, help="a bench_sweep.py work folder with fifo-order0/")
+    parser.add_argument(
+        "source",
+        type=Path,
+        help="a bench_sweep.py work folder (fifo-order0/, asha-order*/), or a --save file",
+    )
     parser.add_argument("--space", choices=sorted(SPACES), default="lr-method", help="its --space")
     parser.add_argument("--orders", type=int, default=200, help="visiting orders to replay")
+    parser.add_argument(
+        "--save", type=Path, help="write the reports replayed to this JSON (benchmarks/curves/)"
+    )
     args = parser.parse_args()
-    grid = GridRun(args.folder / "fifo-order0", args.space)
+    runs = load_runs(args.source)
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(json.dumps(runs, separators=(",", ":")))
+    grid = GridRun(runs["grid"], args.space)
     per_trial = max(len(c) for c in grid.curves.values())
     reaching = [p for p, c in grid.curves.items() if max(r["val_acc"] for r in c) >= grid.target]
     print(f"target {grid.target:.3f}; {len(reaching)} of {len(grid.curves)} points reach it: {reaching}")
 
     grid_total = max(r["timestamp"] for r in grid.rows) - grid.start
-    measured = yaml.safe_load(next(args.folder.glob("asha-order*/best.yaml")).read_text())["sweep"]
+    measured = next(iter(runs["asha"].values()))["sweep"]
     asha_setting = f"grace {measured['grace_period']} rf {measured['reduction_factor']}" + (
         ", in-process trials" if measured.get("in_process") else ""
     )
-    checks = measured_runs(args.folder, grid)
+    checks = measured_runs(runs["asha"], grid)
     for name, measured, replayed in checks:
         print(f"{name}: measured x{measured:.2f}, replayed x{replayed:.2f}")
 
@@ -199,13 +237,14 @@ def main() -> None:
         summary.append(line)
     append_row(
         "replay_sweep.py",
-        f"replay (a model, not a measurement) of Ray Tune schedulers over the grid run ({grid_total:.0f} s) "
+        f"replay (a model, not a measurement) of Ray Tune schedulers over the grid run "
+        f"{(args.save or args.source).name} ({grid_total:.0f} s) "
         f"of the bench_sweep.py row with ASHA {asha_setting} "
         f"(bench_sweep --space {args.space}, {per_trial} reports per trial, {len(reaching)} of "
         f"{len(grid.curves)} points reach the target {grid.target:.3f}), {args.orders} visiting orders",
         "; ".join(summary),
         "grid: the same orders, from the grid run's per-trial times",
-        "check against the measured ASHA runs in the folder (measured / replayed): "
+        f"check against the measured ASHA runs ({(args.save or args.source).name}; measured / replayed): "
         + ", ".join(f"{name} x{m:.2f} / x{r:.2f}" for name, m, r in checks),
     )
 
