@@ -254,7 +254,12 @@ class SweepConfig(Section):
     metric: str = Field("val_acc", description="metric to optimise")
     mode: Literal["max", "min"] = Field("max", description="maximise or minimise the metric")
     max_concurrent: int | None = Field(None, ge=1, description="concurrent trials; none = from cluster CPUs")
-    grace_period: int = Field(1, ge=1, description="ASHA: reports before a trial may be stopped")
+    grace_period: int | float = Field(
+        1,
+        gt=0,
+        description="ASHA: reports before a trial may be stopped, or below 1 a share of a trial's reports "
+        "(0.25: the first quarter; from pretrained weights early reports mislead, see README)",
+    )
     reduction_factor: int = Field(
         2, ge=2, le=16, description="ASHA: rungs at grace x rf^k reports; 1/rf of the trials pass each rung"
     )
@@ -273,6 +278,13 @@ class SweepConfig(Section):
         description="each trial trains in its own Tune process, with no Ray Train run to start (for many "
         "short one-worker trials: train.workers 1; asha or fifo)",
     )
+
+    @field_validator("grace_period")
+    @classmethod
+    def _whole_reports_or_a_share(cls, value):
+        if value >= 1 and value != int(value):
+            raise ValueError("a whole number of reports, or a share of a trial's reports below 1")
+        return int(value) if value >= 1 else value
 
 
 class JobConfig(Section):

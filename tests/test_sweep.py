@@ -158,6 +158,34 @@ def test_invalid_search_is_one_line(sweep, words):
         check_search(build_config({"sweep": sweep}))
 
 
+@pytest.mark.parametrize("grace, first_stop", [(1, 1), (3, 3), (0.25, 5), (0.01, 1), (50, 20)])
+def test_asha_grace_period_in_reports_or_as_a_share(grace, first_stop):
+    """The ASHA that `repforge sweep` builds, fed a strong and a weak trial of 20 reports: the
+    weak one is first stopped at the grace period (0.25: a quarter of the reports)."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune.search import build_scheduler
+
+    asha = build_scheduler(build_config({"sweep": {"grace_period": grace}}), 20)
+    strong, weak = (Trial("sweep_trial", trial_id=name, stub=True) for name in ("strong", "weak"))
+    for trial in (strong, weak):
+        asha.on_trial_add(None, trial)
+    for report in range(1, 21):
+        asha.on_trial_result(None, strong, {"training_iteration": report, "val_acc": 0.9})
+    actions = [
+        asha.on_trial_result(None, weak, {"training_iteration": report, "val_acc": 0.1})
+        for report in range(1, 21)
+    ]
+    assert actions.index(TrialScheduler.STOP) + 1 == first_stop
+
+
+@pytest.mark.parametrize("grace, words", [(0, "greater than 0"), (2.5, "a whole number of reports")])
+def test_asha_grace_period_is_whole_reports_or_a_share(grace, words):
+    with pytest.raises(ConfigError, match=words):
+        build_config({"sweep": {"grace_period": grace}})
+
+
 def pbt_tree(**sweep) -> dict:
     """A valid PBT sweep (a checkpoint at every second report, where it exploits), changed by `sweep`."""
     space = {"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.name": "test_resnet"}  # fixed: allowed

@@ -160,12 +160,19 @@ def build_scheduler(cfg: JobConfig, reports: int):
             metric=sweep.metric,
             mode=sweep.mode,
             time_attr="training_iteration",
-            grace_period=min(sweep.grace_period, reports),
+            grace_period=grace_reports(sweep.grace_period, reports),
             max_t=reports,
             reduction_factor=sweep.reduction_factor,
             stop_last_trials=False,  # a finished trial ends on its own, cleanly
         )
     return FIFOScheduler()
+
+
+def grace_reports(grace_period: int | float, reports: int) -> int:
+    """ASHA's grace period in reports: as given (at most a trial's reports), or a share of them."""
+    if grace_period < 1:
+        return max(1, round(grace_period * reports))
+    return min(grace_period, reports)
 
 
 def pbt_mutations(space: dict) -> dict:
