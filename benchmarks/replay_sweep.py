@@ -79,6 +79,7 @@ class GridRun:
             for point, group in by_point.items()
         }
         self.target = max(r["val_acc"] for r in self.rows) - 0.01
+        self.reports_per_trial = max(len(curve) for curve in self.curves.values())
 
     def grid_seconds(self, visits: list[tuple]) -> float:
         return grid_seconds_to_target((self.start, None, self.rows), visits, self.target, self)
@@ -178,8 +179,8 @@ def measured_runs(asha_runs: dict, grid: GridRun) -> list[tuple[str, float, floa
         start = first["timestamp"] - (grid.curves[swept(first, grid)][0]["elapsed"])
         hits = [r["timestamp"] - start for r in rows if r["val_acc"] >= grid.target]
         measured = min(hits) if hits else float("nan")
-        per_trial = max(len(c) for c in grid.curves.values())
-        replayed = replay(grid, visits, asha(sweep["grace_period"], sweep["reduction_factor"], per_trial))
+        scheduler = asha(sweep["grace_period"], sweep["reduction_factor"], grid.reports_per_trial)
+        replayed = replay(grid, visits, scheduler)
         grid_seconds = grid.grid_seconds(visits)
         out.append((name, grid_seconds / measured, grid_seconds / replayed))
     return out
@@ -203,14 +204,14 @@ def main() -> None:
         args.save.parent.mkdir(parents=True, exist_ok=True)
         args.save.write_text(json.dumps(runs, separators=(",", ":")))
     grid = GridRun(runs["grid"], args.space)
-    per_trial = max(len(c) for c in grid.curves.values())
+    per_trial = grid.reports_per_trial
     reaching = [p for p, c in grid.curves.items() if max(r["val_acc"] for r in c) >= grid.target]
     print(f"target {grid.target:.3f}; {len(reaching)} of {len(grid.curves)} points reach it: {reaching}")
 
     grid_total = max(r["timestamp"] for r in grid.rows) - grid.start
-    measured = next(iter(runs["asha"].values()))["sweep"]
-    asha_setting = f"grace {measured['grace_period']} rf {measured['reduction_factor']}" + (
-        ", in-process trials" if measured.get("in_process") else ""
+    asha_sweep = next(iter(runs["asha"].values()))["sweep"]  # the measured runs' settings
+    asha_setting = f"grace {asha_sweep['grace_period']} rf {asha_sweep['reduction_factor']}" + (
+        ", in-process trials" if asha_sweep.get("in_process") else ""
     )
     checks = measured_runs(runs["asha"], grid)
     for name, measured, replayed in checks:
