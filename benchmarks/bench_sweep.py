@@ -7,7 +7,7 @@
 Both sweeps are `repforge sweep` (tune.sweep.run_sweep) on the real digits data (sklearn's,
 split into train/val; or with `--data cifar10`, random subsets of the real CIFAR-10),
 fine-tuning test_resnet from random init, over the same grid (`--space`: 8 learning rates,
-or those x 3 methods) visited in the same (seeded, shuffled) order, one trial at a time:
+or those x 3 or 5 methods) visited in the same (seeded, shuffled) order, one trial at a time:
 `scheduler: fifo` trains every trial to the end (plain grid search), `scheduler: asha`
 stops trials at its rungs. The grid's best val_acc sets the target (best - 1 point). For
 each sweep: seconds from its start to the first report at or above the target, and to its
@@ -53,6 +53,10 @@ LRS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 SPACES = {
     "lr": {"train.lr": LRS},
     "lr-method": {"train.lr": LRS, "finetune.method": ["full", "norm", "linear"]},
+    # The same with two adapters added: 40 points, of which (from random init) still only
+    # `full` learns much. A larger space with the same few good points is where early
+    # stopping has the most to save (see replay_sweep.py).
+    "lr-method-peft": {"train.lr": LRS, "finetune.method": ["full", "norm", "linear", "lora", "svfit"]},
 }
 
 
