@@ -298,6 +298,50 @@ def run_loop(config: dict, worker) -> None:
     # Not when a budget has already set the length (a restart or a resumed run).
     timed = cfg.train.max_minutes and "total_steps" not in progress
     budget = TimeBudget(cfg.train.max_minutes, total_steps) if timed else None
+    batch_in_epoch, extra = progress["batch_in_epoch"], {}
+
+    def eval_and_report(
+        should_eval: bool, should_save: bool, last: bool, trained: dict | None = None
+    ) -> None:
+        """Report this step's metrics (evaluated when `should_eval`) and, when `should_save`,
+        a checkpoint (the run's artifacts too when `last`). `trained`: the training metrics
+        (loss, throughput...) when this run trained no steps of its own."""
+        nonlocal window, progress
+        if trained is None:
+            trained = {**window.metrics(world), **{k: float(v) for k, v in extra.items()}}
+        metrics = {
+            "step": step,
+            "epoch": epoch,
+            **trained,
+            "lr": scheduler.get_last_lr()[0],
+            **parameters,
+            "peak_memory_mb": peak_memory_mb(device),
+            "total_steps": total_steps,  # a sweep tells finished trials from stopped ones by it
+        }
+        if evaluates and should_eval:
+            batches = val_shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device)
+            metrics.update(evaluate(plain, batches, job, bf16=device.type == "cuda"))
+        confusion = metrics.pop("confusion", None)  # not a scalar: goes to model.json
+        progress = {
+            **({"total_steps": total_steps} if "total_steps" in progress else {}),
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "world": world,
+            "scheduler": scheduler.state_dict(),
+            "metrics": metrics,  # this model's last report (see handed_over below)
+        }
+        extra_meta = per_class_report(confusion, classes) if confusion else {}
+        report(worker, metrics, model, optimizer, progress, config, should_save, last, extra_meta)
+        window = Window()
+
+    if handed_over and step >= total_steps:
+        # A PBT trial cloned from another trial's final checkpoint: no steps are left. It
+        # still reports once: the checkpoint's model, evaluated, with that model's training
+        # metrics from its last report, and its artifacts. Without a report, Tune would keep
+        # the trial's earlier metrics beside its mutated config.
+        eval_and_report(should_eval=True, should_save=True, last=True, trained=progress.get("metrics", {}))
+        return
     while step < total_steps:
         batch_in_epoch = 0
         for batch in train_shard.iter_torch_batches(
@@ -353,31 +397,7 @@ def run_loop(config: dict, worker) -> None:
                     file=sys.__stdout__,  # Ray Train's patched print would also log it: twice
                 )
             if should_eval or should_save:
-                metrics = {
-                    "step": step,
-                    "epoch": epoch,
-                    **window.metrics(world),
-                    "lr": scheduler.get_last_lr()[0],
-                    **parameters,
-                    "peak_memory_mb": peak_memory_mb(device),
-                    "total_steps": total_steps,  # a sweep tells finished trials from stopped ones by it
-                    **{k: float(v) for k, v in extra.items()},
-                }
-                if evaluates and should_eval:
-                    batches = val_shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device)
-                    metrics.update(evaluate(plain, batches, job, bf16=device.type == "cuda"))
-                confusion = metrics.pop("confusion", None)  # not a scalar: goes to model.json
-                progress = {
-                    **({"total_steps": total_steps} if "total_steps" in progress else {}),
-                    "step": step,
-                    "epoch": epoch,
-                    "batch_in_epoch": batch_in_epoch,
-                    "world": world,
-                    "scheduler": scheduler.state_dict(),
-                }
-                extra_meta = per_class_report(confusion, classes) if confusion else {}
-                report(worker, metrics, model, optimizer, progress, config, should_save, last, extra_meta)
-                window = Window()
+                eval_and_report(should_eval, should_save, last)
             if last:
                 break
         else:  # the epoch ran out (not a break): the next one starts from its beginning

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import time
 
 import pytest
+import ray
+import torch
 from ray import tune
 
 from system.config import ConfigError, build_config, load_config
@@ -583,6 +586,70 @@ def test_pbt_sweep_hands_checkpoints_over_with_the_mutated_lr(ray_local, digits_
     assert best_loss == pytest.approx(float(rows[0]["loss"]))
     # The runs that PBT stopped (to clone, or to pause) gave their CPUs back.
     assert_cpus_given_back(ray_local)
+
+
+class KeepingWorker:
+    """`run_loop`'s worker interface (TrainWorker in system/train.py) in this process, on
+    the CPU: it keeps every report and a copy of every checkpoint folder."""
+
+    rank, world, device = 0, 1, torch.device("cpu")
+
+    def __init__(self, datasets: dict, folder):
+        self.datasets, self.folder, self.reports = datasets, folder, []
+
+    def checkpoint(self):
+        return None
+
+    def shard(self, name: str):
+        return self.datasets[name]
+
+    def report(self, metrics: dict, folder: str | None = None) -> None:
+        kept = None
+        if folder:  # run_loop deletes it once this returns
+            kept = self.folder / f"checkpoint-{len(self.reports)}"
+            shutil.copytree(folder, kept)
+        self.reports.append((metrics, kept))
+
+    def stop_requested(self) -> bool:
+        return False
+
+
+def test_a_run_handed_a_final_checkpoint_reports_that_model(ray_local, digits_data, tmp_path):
+    """What a PBT trial cloned from another trial's final checkpoint does: no steps are left,
+    and it reports once, that model's metrics with its own (mutated) lr, and its artifacts."""
+    from system.train import input_datasets, loop_config, plan_run, run_loop
+
+    def run(lr: float, name: str, start_from=None) -> KeepingWorker:
+        tree = {
+            "data": {"train": digits_data[0], "val": digits_data[1], "image_size": 32, "limit": 256},
+            "model": {"name": "test_resnet", "kwargs": {}},
+            "finetune": {"method": "full"},
+            "train": {
+                **{"workers": 1, "batch_size": 32, "max_steps": 8, "lr": lr},
+                # Warmup over the whole run: the last step's lr is the peak lr, this run's own.
+                **{"eval_every": 4, "checkpoint_every": 8, "warmup_steps": 8},
+            },
+            "run": {"storage": str(tmp_path), "name": name},
+        }
+        cfg = build_config(tree)
+        plan = plan_run(cfg, "finetune")
+        worker = KeepingWorker(
+            input_datasets(cfg, "finetune", plan["meta"]["preprocessing"]), tmp_path / name
+        )
+        run_loop(loop_config(cfg, "finetune", plan, start_from), worker)
+        return worker
+
+    source = run(1e-2, "source")
+    assert [m["step"] for m, _ in source.reports] == [4, 8]
+    final, folder = source.reports[-1]
+    clone = run(3e-3, "clone", start_from=ray.train.Checkpoint.from_directory(str(folder)))
+    assert len(clone.reports) == 1, "a run with no steps left must report once"
+    metrics, kept = clone.reports[0]
+    assert metrics["step"] == 8 and metrics["lr"] == pytest.approx(3e-3)
+    # The same model on the same data: the source's results, evaluated again.
+    for key in ("val_acc", "knn_acc", "rankme", "loss"):
+        assert metrics[key] == pytest.approx(final[key], rel=1e-5), key
+    assert read_meta(str(kept / "model"))["metrics"]["val_acc"] == pytest.approx(final["val_acc"])
 
 
 def test_invalid_space_exits_2_with_one_line(tmp_path):
