@@ -506,6 +506,17 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
         residual_blocks(backbone)  # a model FSDP cannot shard block by block fails here
     if job == "finetune":
         get_adapter(cfg.finetune.method).apply(backbone, cfg.finetune)  # e.g. targets that match nothing
+    random_frozen = not (cfg.model.init or cfg.model.pretrained)
+    if job == "finetune" and random_frozen and cfg.finetune.method not in ("full", "norm", "linear"):
+        # Seen in a sweep (benchmarks/RESULTS.md, lr-method-peft): lora and svfit on a random
+        # test_resnet learnt exactly what a linear head learns.
+        print(
+            f"[finetune] warning: finetune.method {cfg.finetune.method} adapts a frozen backbone, and "
+            "without model.init or model.pretrained its weights are random; timm ResNets start each "
+            "block's last BatchNorm scale at 0, so adapters there get no gradient at all",
+            file=sys.stderr,
+            flush=True,
+        )
     run_name = cfg.run.name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
     meta = {
         "timm_name": cfg.model.name,

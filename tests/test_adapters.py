@@ -215,3 +215,17 @@ def test_svfit_adapter_refuses_other_base(tmp_path, images):
     other = timm.create_model(MODELS["vit"][0], num_classes=0, **MODELS["vit"][1])
     with pytest.raises(ValueError, match="trained on other base weights"):
         load_adapter(other, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "method, warned", [("lora", True), ("svfit", True), ("norm", False), ("full", False)]
+)
+def test_adapting_a_random_backbone_is_warned_about(method, warned, digits_data, capsys):
+    from system.config import build_config
+    from system.train import plan_run
+
+    tree = {"data": {"train": digits_data[0]}, "model": {"name": "test_resnet"}}
+    tree["finetune"] = {"method": method}
+    plan_run(build_config(tree), "finetune")
+    said = capsys.readouterr().err
+    assert ("without model.init or model.pretrained" in said) == warned, said
