@@ -54,8 +54,8 @@ SPACES = {
     "lr": {"train.lr": LRS},
     "lr-method": {"train.lr": LRS, "finetune.method": ["full", "norm", "linear"]},
     # The same with two adapters added: 40 points, of which (from random init) still only
-    # `full` learns much; lora and svfit learn what `linear` does (README, Sweeps). A larger space with the same few good points is where early
-    # stopping has the most to save (see replay_sweep.py).
+    # `full` learns much; lora and svfit learn what `linear` does (README, Sweeps). A larger
+    # space with the same few good points is where early stopping has the most to save.
     "lr-method-peft": {"train.lr": LRS, "finetune.method": ["full", "norm", "linear", "lora", "svfit"]},
 }
 
