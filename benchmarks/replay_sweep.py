@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/replay_sweep.py /tmp/bench-sweep-XXXX [--orders 200] [--save FILE]
     .venv/bin/python benchmarks/replay_sweep.py benchmarks/curves/lr-method-pretrained-rf3.json
+        [--space lr-method] [--visits grid|random]
 
 bench_sweep.py measures ASHA against grid search in a few visiting orders of the grid, and
 on a space where one point reaches the target its ratio depends mostly on where that point
@@ -12,7 +13,11 @@ trials that train the same in every sweep (training seed 0; tests/test_sweep.py 
 in-process trials match Train runs), a sweep in another order under a scheduler is those
 curves cut where the scheduler stops them. This script feeds the grid's reports, order by
 order, to the real Ray Tune scheduler objects (ASHAScheduler, MedianStoppingRule), and adds
-up the wall time of what would run.
+up the wall time of what would run. Besides ASHA's grace period and reduction factor, it
+replays ASHA with 2-3 brackets (Hyperband's hedge, `sweep.brackets`: a trial joins a bracket
+at random, so each order is replayed with numpy's generator seeded by its index), and with
+`--visits random` the orders are random permutations of the points rather than Tune's
+nested grid order.
 
 A model built on a measurement, not a measurement. What it leaves out: run-to-run noise in
 the curves and times, and what stopping a trial costs (in-process: nothing measurable, as
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import random
 from pathlib import Path
 from statistics import median
 
@@ -139,12 +145,13 @@ def ceiling(grid: GridRun, visits: list[tuple]) -> float:
     return float("nan")
 
 
-def asha(grace: int, rf: int, reports_per_trial: int):
+def asha(grace: int, rf: int, reports_per_trial: int, brackets: int = 1):
     """ASHA exactly as `repforge sweep` builds it (tune/search.py)."""
     sweep = {
         "scheduler": "asha",
         "grace_period": grace,
         "reduction_factor": rf,
+        "brackets": brackets,
         "metric": "val_acc",
         "mode": "max",
     }
@@ -163,9 +170,14 @@ def median_rule(grace: int):
     )
 
 
-def visiting_order(space: str, order: int) -> list[tuple]:
-    """bench_sweep's grid in order `order`: Tune nests the keys, the last one varying fastest."""
-    return list(itertools.product(*(spec["grid"] for spec in shuffled_space(space, order).values())))
+def visiting_order(space: str, order: int, visits: str = "grid") -> list[tuple]:
+    """bench_sweep's grid in order `order`: Tune nests the keys, the last one varying fastest.
+    With `visits="random"`, a random permutation of the same points instead (what a random
+    search that drew each point once would visit)."""
+    points = list(itertools.product(*(spec["grid"] for spec in shuffled_space(space, order).values())))
+    if visits == "random":
+        random.Random(order).shuffle(points)
+    return points
 
 
 def measured_runs(asha_runs: dict, grid: GridRun) -> list[tuple[str, float, float]]:
@@ -196,6 +208,13 @@ def main() -> None:
     parser.add_argument("--space", choices=sorted(SPACES), default="lr-method", help="its --space")
     parser.add_argument("--orders", type=int, default=200, help="visiting orders to replay")
     parser.add_argument(
+        "--visits",
+        choices=["grid", "random"],
+        default="grid",
+        help="orders: Tune's grid, each key's values shuffled (as bench_sweep runs it), or random "
+        "permutations of the points",
+    )
+    parser.add_argument(
         "--save", type=Path, help="write the reports replayed to this JSON (benchmarks/curves/)"
     )
     args = parser.parse_args()
@@ -219,8 +238,12 @@ def main() -> None:
 
     graces = (1, 2, 3, 5, 9)  # reports; 5 and 9 are a quarter and near half of a 20-report trial
     settings = {f"ASHA grace {g} rf {rf}": (asha, g, rf, per_trial) for g in graces for rf in (2, 3, 4)}
+    # Hyperband's hedge against early reports that mislead: brackets with later first rungs.
+    settings.update(
+        {f"ASHA grace {g} rf 3 brackets {b}": (asha, g, 3, per_trial, b) for g in (1, 3, 5) for b in (2, 3)}
+    )
     settings.update({f"median rule grace {g}": (median_rule, g) for g in (1, 2, 3)})
-    orders = [visiting_order(args.space, k) for k in range(args.orders)]
+    orders = [visiting_order(args.space, k, args.visits) for k in range(args.orders)]
     grid_seconds = np.array([grid.grid_seconds(o) for o in orders])
     bound = np.median(grid_seconds / np.array([ceiling(grid, o) for o in orders]))
     summary = [
@@ -228,7 +251,11 @@ def main() -> None:
     ]
     print(summary[0])
     for label, (factory, *params) in settings.items():
-        ratios = grid_seconds / np.array([replay(grid, o, factory(*params)) for o in orders])
+        ratios = []
+        for k, order in enumerate(orders):
+            np.random.seed(k)  # Ray's ASHA draws each trial's bracket from numpy's global generator
+            ratios.append(grid_seconds[k] / replay(grid, order, factory(*params)))
+        ratios = np.array(ratios)
         missed = np.isnan(ratios).mean()  # such an order counts as x0 in the median
         line = (
             f"{label}: median x{np.median(np.nan_to_num(ratios)):.2f}, "
@@ -242,7 +269,8 @@ def main() -> None:
         f"{(args.save or args.source).name} ({grid_total:.0f} s) "
         f"of the bench_sweep.py row with ASHA {asha_setting} "
         f"(bench_sweep --space {args.space}, {per_trial} reports per trial, {len(reaching)} of "
-        f"{len(grid.curves)} points reach the target {grid.target:.3f}), {args.orders} visiting orders",
+        f"{len(grid.curves)} points reach the target {grid.target:.3f}), {args.orders} visiting orders"
+        + (" (random permutations of the points)" if args.visits == "random" else ""),
         "; ".join(summary),
         "grid: the same orders, from the grid run's per-trial times",
         f"check against the measured ASHA runs ({(args.save or args.source).name}; measured / replayed): "

@@ -263,6 +263,13 @@ class SweepConfig(Section):
     reduction_factor: int = Field(
         2, ge=2, le=16, description="ASHA: rungs at grace x rf^k reports; 1/rf of the trials pass each rung"
     )
+    brackets: int = Field(
+        1,
+        ge=1,
+        le=4,
+        description="ASHA: brackets, Hyperband's hedge (each trial joins one at random; each bracket's "
+        "first rung is rf times later than the one before); measured on CIFAR-10 in the README",
+    )
     perturbation_interval: int = Field(
         2, ge=1, description="PBT: reports between exploits (a weak trial clones a strong one's checkpoint)"
     )

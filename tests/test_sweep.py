@@ -11,6 +11,7 @@ import json
 import shutil
 import time
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -181,6 +182,31 @@ def test_asha_grace_period_in_reports_or_as_a_share(grace, first_stop):
         for report in range(1, 21)
     ]
     assert actions.index(TrialScheduler.STOP) + 1 == first_stop
+
+
+@pytest.mark.parametrize("brackets, first_stops", [(1, {1}), (2, {1, 2})])
+def test_asha_brackets_hedge_with_later_first_rungs(brackets, first_stops):
+    """With 2 brackets (reduction factor 2), some weak trials are first judged at report 2, not 1.
+    Ray assigns each trial a bracket with numpy's global generator, seeded here."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune.search import build_scheduler
+
+    np.random.seed(0)
+    asha = build_scheduler(build_config({"sweep": {"brackets": brackets}}), 8)
+    stops = set()
+    for index in range(20):  # strong and weak in turn: each bracket has strong trials to judge by
+        trial = Trial("sweep_trial", trial_id=f"t{index}", stub=True)
+        asha.on_trial_add(None, trial)
+        value = 0.9 if index % 2 == 0 else 0.1
+        actions = [
+            asha.on_trial_result(None, trial, {"training_iteration": report, "val_acc": value})
+            for report in range(1, 9)
+        ]
+        if TrialScheduler.STOP in actions:
+            stops.add(actions.index(TrialScheduler.STOP) + 1)
+    assert stops == first_stops
 
 
 @pytest.mark.parametrize("grace, words", [(0, "greater than 0"), (2.5, "a whole number of reports")])

@@ -163,6 +163,7 @@ def build_scheduler(cfg: JobConfig, reports: int):
             grace_period=grace_reports(sweep.grace_period, reports),
             max_t=reports,
             reduction_factor=sweep.reduction_factor,
+            brackets=sweep.brackets,
             stop_last_trials=False,  # a finished trial ends on its own, cleanly
         )
     return FIFOScheduler()
