@@ -347,6 +347,18 @@ def count_rows(uri: str, limit: int | None = None) -> int:
     return min(rows, limit) if limit else rows
 
 
+def labels_in_first(uri: str, limit: int) -> set[int]:
+    """The distinct labels of the first `limit` rows: the ones data.limit keeps."""
+    seen, left = set(), limit
+    for f in storage.parquet_files(uri):
+        labels = pq.read_table(f, columns=["label"]).column("label").to_numpy()[:left]
+        seen.update(int(v) for v in np.unique(labels))
+        left -= len(labels)
+        if left <= 0:
+            break
+    return seen
+
+
 def class_repeats(uri: str, limit: int | None = None) -> dict[int, float]:
     """data.balance: how often each row of a class is drawn per epoch so that every class is
     drawn equally often and the epoch keeps its size: (rows / classes) / rows of the class."""

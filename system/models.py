@@ -91,7 +91,45 @@ def read_meta(uri: str) -> dict:
     path = folder / META
     if not path.is_file():
         raise ModelError(f"not a model artifact (no {META}): {uri}")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{META} of {uri} is not valid JSON ({err})") from None
+
+
+def check_backbone_weights(backbone: nn.Module, folder: str) -> None:
+    """ModelError (one line) unless the backbone weights of the artifact in local `folder` load
+    into `backbone`. Reads names and shapes from the safetensors header, not the weights."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(folder) / WEIGHTS
+    if not path.is_file():
+        raise ModelError(f"no {WEIGHTS} in the model artifact {folder}")
+    try:
+        with safe_open(str(path), "pt") as weights:
+            prefix = "backbone."
+            found = {
+                name[len(prefix) :]: list(weights.get_slice(name).get_shape())
+                for name in weights.keys()
+                if name.startswith(prefix)
+            }
+    except (SafetensorError, OSError) as err:
+        raise ModelError(f"{WEIGHTS} of {folder} cannot be read ({err})") from None
+    wanted = {name: list(value.shape) for name, value in backbone.state_dict().items()}
+    wrong = [
+        f"{name} is {found[name]} there, {shape} here"
+        for name, shape in wanted.items()
+        if found.get(name, shape) != shape
+    ]
+    missing = [f"no {n} there" for n in wanted if n not in found]
+    extra = [f"{n} is not in this model" for n in found if n not in wanted]
+    problems = wrong + missing + extra
+    if problems:
+        built = json.loads((Path(folder) / META).read_text()).get("timm_name", "?")
+        raise ModelError(
+            f"the weights of {folder} (a {built}) do not fit this model: {problems[0]}"
+            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+        )
 
 
 def load_artifact(uri: str, device: str | torch.device = "cpu") -> tuple[Embedder, dict]:

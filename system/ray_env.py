@@ -34,6 +34,14 @@ def ensure_ray(**init_kwargs) -> None:
     ray.init(**init_kwargs)
 
 
+def started_here() -> bool:
+    """Whether this process started the Ray instance it is connected to: a local instance of
+    fixed size, which no autoscaler will grow. (Ray has no public call for it; when in doubt,
+    False: a cluster that may grow.)"""
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
+
+
 def omp_env() -> dict:
     """The runtime_env that hands this process's OMP_NUM_THREADS (default 1) to the workers."""
     return {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}

@@ -56,6 +56,20 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def write_text(uri: str, text: str) -> None:
+    """A small file (a record, a CSV) written in one piece, on any filesystem."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(text.encode())
+
+
+def read_text(uri: str) -> str:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
 def _parquet_file_infos(uri: str) -> list[pafs.FileInfo]:
     fs, path = filesystem(uri)
     info = fs.get_file_info(path)

@@ -21,32 +21,35 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
 import torch
 from torch import nn
 
-from system import storage
+from system import run_record, storage
 from system.adapters import adapter_bytes, get_adapter, parameter_report
 from system.checkpoint import full_model_state, load_checkpoint, save_checkpoint
-from system.config import JobConfig
+from system.config import ConfigError, JobConfig
 from system.data import (
     DataError,
     balance_rows,
     check_dataset,
     class_repeats,
     count_rows,
+    labels_in_first,
     read_dataset,
     read_table,
     training_columns,
 )
 from system.metrics import knn_accuracy, rankme, uniformity
-from system.models import Embedder, create_backbone, read_meta, write_artifact
+from system.models import Embedder, check_backbone_weights, create_backbone, read_meta, write_artifact
 from system.objectives import get_objective, nested_dims
 from system.optim import build_optimizer, cosine_with_warmup
 from system.parallel import gradient_sync, parallelize, residual_blocks, unwrap
-from system.ray_env import ensure_ray, omp_env
+from system.ray_env import ensure_ray, omp_env, started_here
 from system.runs import write_confusion_png
 from system.train_callbacks import MetricsLogger
 from system.train_module import TrainModule, build_model, train_mode
@@ -457,7 +460,8 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
         raise ValueError("data.train: a training dataset is required")
     if cfg.model.init:
         try:
-            read_meta(cfg.model.init)  # fails here, not in every worker
+            init_folder = str(storage.download_dir(cfg.model.init))
+            read_meta(init_folder)  # fails here, not in every worker
         except (storage.StorageError, ValueError) as err:
             raise ValueError(f"model.init: {err}") from None
     if job == "finetune":
@@ -470,8 +474,17 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
         rows = count_rows(cfg.data.train, cfg.data.limit)
     except storage.StorageError as err:
         raise storage.StorageError(f"data.train: {err}") from None
-    except DataError as err:
+    except (DataError, pa.ArrowInvalid) as err:  # ArrowInvalid: not Parquet
         raise DataError(f"data.train: {err}") from None
+    if labelled and cfg.data.limit and len(classes) > 1:
+        kept = labels_in_first(cfg.data.train, cfg.data.limit)
+        if len(kept) < len(classes):  # e.g. CIFAR-10 as shipped is sorted by class
+            print(
+                f"[{job}] warning: data.limit keeps the first {cfg.data.limit} rows of data.train, with "
+                f"{len(kept)} of its {len(classes)} classes; accuracy will mean little (sorted by class?)",
+                file=sys.stderr,
+                flush=True,
+            )
     if cfg.data.balance and len(classes) < 2:
         raise ValueError(f"data.balance: class-balanced sampling needs labelled data ({cfg.data.train})")
     if cfg.data.balance and job == "finetune" and cfg.finetune.closed_form:
@@ -483,7 +496,7 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
     if cfg.data.val:
         try:
             check_dataset(cfg.data.val, need_label=labelled)
-        except DataError as err:
+        except (DataError, pa.ArrowInvalid) as err:
             raise DataError(f"data.val: {err}") from None
     best = cfg.train.keep_best
     if best not in (None, "loss") and not cfg.data.val:
@@ -497,6 +510,11 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
             f"is more than the {rows} rows of data"
         )
     backbone = create_backbone(cfg.model.name, cfg.model.kwargs)  # also checks name and kwargs
+    if cfg.model.init:
+        try:
+            check_backbone_weights(backbone, init_folder)
+        except ValueError as err:
+            raise ValueError(f"model.init: {err} (model.name is {cfg.model.name})") from None
     pre = preprocessing_config(backbone, cfg.data.image_size)
     if job == "pretrain":  # builds the objective once: a mismatch with model or data fails here
         objective_cls = get_objective(cfg.objective.name)
@@ -541,6 +559,7 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=(), start_from
     from ray.train.torch import TorchTrainer
 
     use_gpu = uses_gpu(cfg)
+    check_fits_cluster(cfg, job, use_gpu)
     spare = ray.cluster_resources().get("CPU", 0) - cfg.train.workers * cfg.train.cpus_per_worker
     if spare < 0.5:  # Ray Data's decode tasks then wait forever (unless an autoscaler adds nodes)
         print(
@@ -577,6 +596,26 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=(), start_from
     )
 
 
+def check_fits_cluster(cfg: JobConfig, job: str, use_gpu: bool) -> None:
+    """Workers that ask for more than the cluster has: Ray Train waits for them, forever on
+    a job's own local instance (a one-line error), or until an autoscaler adds nodes."""
+    have = ray.cluster_resources()
+    workers, cpus = cfg.train.workers, cfg.train.workers * cfg.train.cpus_per_worker
+    short = [
+        (key, f"{workers} workers need {need:g} {name}s and the cluster has {have.get(name, 0):g}", fix)
+        for key, name, need, fix in (
+            ("train.cpus_per_worker", "CPU", cpus, "lower it, or train.workers"),
+            ("train.use_gpu", "GPU", workers if use_gpu else 0, "set it false, or unset it: GPUs if any"),
+        )
+        if need > have.get(name, 0)
+    ]
+    if short and started_here():
+        key, what, fix = short[0]
+        raise ConfigError(f"{key}: {what}; this job's own Ray instance cannot grow ({fix})")
+    for _, what, _ in short:
+        print(f"[{job}] warning: {what}; Ray Train waits until nodes are added", file=sys.stderr, flush=True)
+
+
 def uses_gpu(cfg: JobConfig) -> bool:
     """train.use_gpu, or when unset, whether the cluster has GPUs."""
     if cfg.train.use_gpu is None:
@@ -596,6 +635,13 @@ def loop_config(cfg: JobConfig, job: str, plan: dict, start_from=None) -> dict:
         "fail_at_step": int(os.environ.get("REPFORGE_FAIL_AT_STEP", 0)) or None,
         "start_from": start_from,
     }
+
+
+def has_checkpoints(train_run: str) -> bool:
+    """Whether Ray Train has checkpoints of this run (its folder under train_storage)."""
+    fs, path = storage.filesystem(train_run)
+    entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return any(e.base_name.startswith("checkpoint_") for e in entries)
 
 
 def train_storage(storage_root: str) -> str:
@@ -696,6 +742,12 @@ def run_training(cfg: JobConfig, job: str) -> dict[str, str]:
     """Run one pretrain or finetune job to completion; returns {"model": uri, ...}."""
     cfg = absolute_uris(cfg)
     plan = plan_run(cfg, job)
+    run_uri = storage.join(storage.normalize(cfg.run.storage), plan["run_name"])
+    tree = {**cfg.model_dump(), "classes": plan["classes"]}
+    if has_checkpoints(storage.join(train_storage(cfg.run.storage), plan["run_name"])):
+        run_record.check_same(run_uri, tree, f"{job} run", keys=run_record.TRAINING_KEYS)
+        print(f"[{job}] continuing run {plan['run_name']} from its checkpoints (a new run.name starts over)")
+    run_record.record(run_uri, tree)
     ensure_ray(runtime_env=omp_env())
     if job == "finetune" and cfg.finetune.closed_form:  # one pass of Ray Data, no Ray Train
         from system.linear_probe import run_linear_probe

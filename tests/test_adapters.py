@@ -229,3 +229,16 @@ def test_adapting_a_random_backbone_is_warned_about(method, warned, digits_data,
     plan_run(build_config(tree), "finetune")
     said = capsys.readouterr().err
     assert ("without model.init or model.pretrained" in said) == warned, said
+
+
+@pytest.mark.parametrize("limit, warned", [(3, True), (400, False), (None, False)])
+def test_a_limit_that_keeps_few_classes_is_warned_about(limit, warned, digits_data, capsys):
+    """data.limit keeps the first rows: on a file sorted by class, one class (CIFAR-10 as shipped)."""
+    from system.config import build_config
+    from system.train import plan_run
+
+    tree = {"data": {"train": digits_data[0], "limit": limit}, "model": {"name": "test_resnet"}}
+    tree["train"] = {"batch_size": 2, "workers": 1}
+    plan_run(build_config({**tree, "finetune": {"method": "full"}}), "finetune")
+    said = capsys.readouterr().err
+    assert ("data.limit keeps the first" in said) == warned, said

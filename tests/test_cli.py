@@ -90,6 +90,7 @@ BAD_INPUTS = {
         ],
         "data.balance",
     ),
+    "data.train not parquet": (["finetune", "--set", "data.train=README.md"], "data.train: Parquet"),
     "no run to show": (["runs", "show", "/nonexistent-run"], "no metrics.jsonl"),
     "missing init": (
         ["finetune", "--config", "configs/quickstart.yaml", "--set", "model.init=/nope"],
@@ -129,6 +130,61 @@ def test_bad_input_is_one_line_exit_2(case, capsys, digits_data):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("repforge: error:") and named in lines[0], lines[0]
+    assert "Traceback" not in captured.err + captured.out
+
+
+@pytest.mark.parametrize(
+    "setting, named",
+    [
+        ("train.use_gpu=true", "train.use_gpu: 2 workers need 2 GPUs"),
+        ("train.workers=3", "train.cpus_per_worker"),
+    ],
+)
+def test_workers_that_this_instance_cannot_hold_are_one_line_exit_2(
+    setting, named, ray_local, digits_data, capsys, tmp_path
+):
+    """On the job's own local Ray instance (the tests': 2 CPUs, no GPU), Ray Train would wait
+    for the workers' resources forever."""
+    argv = [
+        "finetune",
+        "--config",
+        "configs/quickstart.yaml",
+        "--set",
+        setting,
+        "--set",
+        "train.cpus_per_worker=1",
+    ]
+    argv += ["--set", f"data.train={digits_data[0]}", "--set", f"data.val={digits_data[1]}"]
+    assert main([*argv, "--set", f"run.storage={tmp_path}", "--set", "finetune.method=full"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "cannot grow" in lines[0], lines
+
+
+@pytest.mark.parametrize("damage", ["another model.name", "no weights", "garbled weights", "garbled json"])
+def test_init_artifact_that_cannot_load_is_one_line_exit_2(damage, capsys, digits_data, tmp_path):
+    """model.init is checked on the driver against the model it initialises, not in each worker."""
+    from system.models import Embedder, create_backbone, save_model
+    from system.transforms import preprocessing_config
+
+    backbone = create_backbone("test_resnet", {})
+    pre = preprocessing_config(backbone, 32)
+    meta = {"timm_name": "test_resnet", "timm_kwargs": {}, "preprocessing": pre}
+    artifact = tmp_path / "model"
+    save_model(str(artifact), Embedder(backbone), meta)
+    model_name = "resnet10t" if damage == "another model.name" else "test_resnet"
+    if damage == "no weights":
+        (artifact / "model.safetensors").unlink()
+    if damage == "garbled weights":
+        (artifact / "model.safetensors").write_bytes(b"\xff" * 64)
+    if damage == "garbled json":
+        (artifact / "model.json").write_text("{not json")
+    argv = ["finetune", "--config", "configs/quickstart.yaml", "--set", f"model.init={artifact}"]
+    argv += ["--set", f"model.name={model_name}", "--set", f"data.train={digits_data[0]}"]
+    argv += ["--set", f"data.val={digits_data[1]}"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("repforge: error: model.init:"), captured.err
     assert "Traceback" not in captured.err + captured.out
 
 

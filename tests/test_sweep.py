@@ -459,6 +459,12 @@ def test_asha_sweep_interrupted_resumed_and_reported(ray_local, digits_data, tmp
     assert read_meta(str(folder / "best" / "model"))["metrics"]["loss"] == pytest.approx(
         float(rows[0]["loss"])
     )
+    # Resumed with another budget, it would mix two sweeps: refused, and nothing is rewritten.
+    bigger = build_config({**tree, "sweep": {**tree["sweep"], "num_samples": 3}})
+    with pytest.raises(ConfigError, match=r"sweep.num_samples: 1 -> 3"):
+        run_sweep(bigger, resume=True)
+    with open(folder / "leaderboard.csv") as f:
+        assert list(csv.DictReader(f)) == rows
     # The Train runs (or in-process trials) that ASHA stopped gave their CPUs back.
     assert_cpus_given_back(ray_local)
 

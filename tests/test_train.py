@@ -80,3 +80,17 @@ def test_merged_model_equals_adapter_on_base(runs, held_out):
         pretrained, _ = load_artifact(str(runs / "pretrain" / "model"))
         # LoRA did change the backbone: the merged features differ from the pretrained ones.
         assert not torch.allclose(merged.backbone(batch), pretrained.backbone(batch), atol=1e-3)
+
+
+def test_continuing_a_run_with_another_adapter_is_refused(runs):
+    """`finetune` again under the same run.name continues that run from its checkpoints; with
+    another method they cannot load, so it stops at one line, before any Ray work."""
+    from system.config import ConfigError, build_config
+    from system.run_record import CONFIG_FILE
+    from system.train import run_training
+
+    tree = json.loads((runs / "finetune" / CONFIG_FILE).read_text())  # written when it started
+    assert tree.pop("classes") == [str(i) for i in range(10)]
+    tree["finetune"]["method"] = "svfit"
+    with pytest.raises(ConfigError, match=r"finetune run .*\(finetune.method: 'lora' -> 'svfit'\)"):
+        run_training(build_config(tree), "finetune")

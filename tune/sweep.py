@@ -49,7 +49,7 @@ from pyarrow import fs as pafs
 from ray import tune
 from ray.util.queue import Empty, Queue
 
-from system import storage
+from system import run_record, storage
 from system.config import ConfigError, JobConfig, build_config, set_dotted
 from system.data import count_rows, read_classes
 from system.ray_env import ensure_ray, omp_env
@@ -73,6 +73,8 @@ from tune.space import tune_space, validate_space
 
 TUNE_DIR = "_tune"
 DRIVER_MEMORY = 256 * 2**20
+# What --resume may change: where the sweep is, and how many trials run at once.
+RESUME_MAY_CHANGE = ("run", "sweep.max_concurrent")
 VAL_METRICS = {"val_acc": "finetune", "knn_acc": None, "rankme": None}  # need data.val; val_acc: finetune
 
 
@@ -230,8 +232,10 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
         raise ConfigError(f"run.name: no sweep to resume at {sweep_uri}")
     if not resume and storage.exists(sweep_uri):
         raise ConfigError(f"run.name: sweep folder exists: {sweep_uri} (pass --resume, or another run.name)")
+    if resume:  # the trials still to run must be the sweep's own (concurrency may change)
+        run_record.check_same(sweep_uri, cfg.model_dump(), "sweep", ignore=RESUME_MAY_CHANGE)
     if prior is not None and not resume:
-        _write_text(storage.join(sweep_uri, "rank_prior.json"), json.dumps(prior, indent=1))
+        storage.write_text(storage.join(sweep_uri, "rank_prior.json"), json.dumps(prior, indent=1))
     ensure_ray(runtime_env=omp_env())
 
     # Only PBT restarts trials from checkpoints; other schedulers are spared the copies.
@@ -286,11 +290,14 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
         grid = tuner.fit()
     except tune.TuneError as err:
         raise _unreported_metric(err, cfg.sweep.metric) or err from None
+    # Recorded once Tune has state here, so that a start that failed before can be run again.
+    if not storage.exists(storage.join(sweep_uri, run_record.CONFIG_FILE)):
+        run_record.record(sweep_uri, cfg.model_dump())
     if not _finished(tune_uri, _expected_trials(cfg)):
         print(f"[sweep] {name} interrupted; continue it with --resume (same run.name)", flush=True)
         raise KeyboardInterrupt
     rows = leaderboard(grid, cfg, job)
-    _write_text(storage.join(sweep_uri, "leaderboard.csv"), to_csv(rows))
+    storage.write_text(storage.join(sweep_uri, "leaderboard.csv"), to_csv(rows))
     print(f"\n[sweep] {name}: {len(rows)} trials, best first by {cfg.sweep.metric} ({cfg.sweep.mode})")
     print(format_table(rows), flush=True)
     write_pareto(rows, cfg, sweep_uri)
@@ -305,7 +312,7 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
     result = next(r for r in grid if _trial_id(r) == best["trial_id"])
     best_tree = _with_overrides(cfg.model_dump(mode="json"), result.config["overrides"])
     set_dotted(best_tree, "run.name", f"{name}-best")
-    _write_text(storage.join(sweep_uri, "best.yaml"), yaml.safe_dump(best_tree, sort_keys=False))
+    storage.write_text(storage.join(sweep_uri, "best.yaml"), yaml.safe_dump(best_tree, sort_keys=False))
     checkpoint, published = _last_checkpoint(result, cfg), {}
     if checkpoint is not None:
         published = publish_result(SimpleNamespace(checkpoint=checkpoint), cfg, job, f"{name}/best")
@@ -362,7 +369,7 @@ def leaderboard(grid, cfg: JobConfig, job: str) -> list[dict]:
 def write_pareto(rows: list[dict], cfg: JobConfig, sweep_uri: str) -> list[dict]:
     """pareto.csv and pareto.png: the trials no other beats on both metric and trainable params."""
     front = pareto_front(rows, cfg.sweep.metric, cfg.sweep.mode)
-    _write_text(storage.join(sweep_uri, "pareto.csv"), to_csv(front))
+    storage.write_text(storage.join(sweep_uri, "pareto.csv"), to_csv(front))
     with tempfile.TemporaryDirectory() as tmp:
         pareto_png(rows, front, cfg.sweep.metric, f"{tmp}/pareto.png")
         fs, path = storage.filesystem(storage.join(sweep_uri, "pareto.png"))
@@ -477,10 +484,3 @@ def _max_concurrent(cfg: JobConfig) -> int:
     if uses_gpu(cfg):
         fit = min(fit, int(resources.get("GPU", 0) // cfg.train.workers))
     return max(1, fit)
-
-
-def _write_text(uri: str, text: str) -> None:
-    fs, path = storage.filesystem(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write(text.encode())
