@@ -16,10 +16,11 @@ from system import storage
 from system.config import ConfigError
 
 CONFIG_FILE = "config.json"
-# What a training run's checkpoints depend on: the model, its adapter and heads, the classes
-# (the head's size), and the optimizer state. Anything else (max_steps, lr, data paths) may
-# change between a run and its continuation.
-TRAINING_KEYS = ("model", "finetune", "objective", "train.optimizer", "train.strategy", "classes")
+# What a training run's checkpoints depend on: the model, its objective's heads or its
+# adapter, the classes (the head's size), and the optimizer state. Anything else (max_steps,
+# lr, data paths) may change between a run and its continuation.
+_SHARED_KEYS = ("model", "objective", "train.optimizer", "train.strategy", "classes")
+TRAINING_KEYS = {"pretrain": _SHARED_KEYS, "finetune": (*_SHARED_KEYS, "finetune")}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

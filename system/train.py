@@ -745,7 +745,7 @@ def run_training(cfg: JobConfig, job: str) -> dict[str, str]:
     run_uri = storage.join(storage.normalize(cfg.run.storage), plan["run_name"])
     tree = {**cfg.model_dump(), "classes": plan["classes"]}
     if has_checkpoints(storage.join(train_storage(cfg.run.storage), plan["run_name"])):
-        run_record.check_same(run_uri, tree, f"{job} run", keys=run_record.TRAINING_KEYS)
+        run_record.check_same(run_uri, tree, f"{job} run", keys=run_record.TRAINING_KEYS[job])
         print(f"[{job}] continuing run {plan['run_name']} from its checkpoints (a new run.name starts over)")
     run_record.record(run_uri, tree)
     ensure_ray(runtime_env=omp_env())
