@@ -113,10 +113,12 @@ def load_runs(source: Path) -> dict:
     return runs
 
 
-def replay(grid: GridRun, visits: list[tuple], scheduler) -> float:
+def replay(grid: GridRun, visits: list[tuple], scheduler, ends: list | None = None) -> float:
     """Seconds to the first report at or above the target, trials run one at a time in order
-    `visits`, each cut where `scheduler` stops it (nan: the target is never reached)."""
+    `visits`, each cut where `scheduler` stops it (nan: the target is never reached). `ends`,
+    when given, gets (reports, seconds) of each trial run before that one."""
     controller, elapsed = NothingQueued(), 0.0
+    ends = [] if ends is None else ends
     for index, point in enumerate(visits):
         trial = Trial(f"{index:05d}")
         scheduler.on_trial_add(controller, trial)
@@ -126,11 +128,31 @@ def replay(grid: GridRun, visits: list[tuple], scheduler) -> float:
                 return elapsed + row["elapsed"]
             if scheduler.on_trial_result(controller, trial, row) == TrialScheduler.STOP:
                 elapsed += row["elapsed"]
+                ends.append((row["training_iteration"], row["elapsed"]))
                 break
         else:
             scheduler.on_trial_complete(controller, trial, curve[-1])
             elapsed += curve[-1]["elapsed"]
+            ends.append((curve[-1]["training_iteration"], curve[-1]["elapsed"]))
     return float("nan")
+
+
+def where_time_goes(grid: GridRun, orders: list[list[tuple]], grace: int, rf: int) -> str:
+    """Over the orders where ASHA reaches the target: how many trials ran before the one that
+    reaches it, and how many of those ran to the end (the ones that cost most)."""
+    before, whole, share = [], [], []
+    for order in orders:
+        ends: list[tuple[int, float]] = []
+        if not np.isnan(replay(grid, order, asha(grace, rf, grid.reports_per_trial), ends)) and ends:
+            ran_all = [seconds for reports, seconds in ends if reports == grid.reports_per_trial]
+            before.append(len(ends))
+            whole.append(len(ran_all))
+            share.append(sum(ran_all) / sum(seconds for _, seconds in ends))
+    return (
+        f"ASHA grace {grace} rf {rf}, where the time goes ({len(before)} orders): median {median(before):g} "
+        f"trials ran before the one that reaches the target; {median(whole):g} of them ran all "
+        f"{grid.reports_per_trial} reports, {median(share):.0%} of those trials' time"
+    )
 
 
 def ceiling(grid: GridRun, visits: list[tuple]) -> float:
@@ -250,6 +272,7 @@ def main() -> None:
         f"ceiling (trials that never reach the target stopped at their first report): median x{bound:.2f}"
     ]
     print(summary[0])
+    print(where_time_goes(grid, orders, 1, 3))
     for label, (factory, *params) in settings.items():
         ratios = []
         for k, order in enumerate(orders):
