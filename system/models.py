@@ -97,9 +97,10 @@ def read_meta(uri: str) -> dict:
         raise ModelError(f"{META} of {uri} is not valid JSON ({err})") from None
 
 
-def check_backbone_weights(backbone: nn.Module, folder: str) -> None:
-    """ModelError (one line) unless the backbone weights of the artifact in local `folder` load
-    into `backbone`. Reads names and shapes from the safetensors header, not the weights."""
+def check_backbone_weights(backbone: nn.Module, folder: str, meta: dict) -> None:
+    """ModelError (one line) unless the backbone weights of the artifact in local `folder`
+    (`meta`: its model.json) load into `backbone`. Reads names and shapes from the
+    safetensors header, not the weights."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(folder) / WEIGHTS
@@ -125,9 +126,8 @@ def check_backbone_weights(backbone: nn.Module, folder: str) -> None:
     extra = [f"{n} is not in this model" for n in found if n not in wanted]
     problems = wrong + missing + extra
     if problems:
-        built = json.loads((Path(folder) / META).read_text()).get("timm_name", "?")
         raise ModelError(
-            f"the weights of {folder} (a {built}) do not fit this model: {problems[0]}"
+            f"the weights of {folder} (a {meta.get('timm_name', '?')}) do not fit this model: {problems[0]}"
             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
         )
 

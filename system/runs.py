@@ -51,9 +51,7 @@ def resolve_run(run: str, storage_root: str = "runs") -> str:
 
 
 def read_metrics(run_uri: str) -> list[dict]:
-    fs, path = storage.filesystem(storage.join(run_uri, "metrics.jsonl"))
-    with fs.open_input_stream(path) as stream:
-        lines = stream.read().decode().splitlines()
+    lines = storage.read_text(storage.join(run_uri, "metrics.jsonl")).splitlines()
     rows = [json.loads(line) for line in lines if line.strip()]
     if not rows:
         raise RunError(f"run {run_uri} has no metrics yet")

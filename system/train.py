@@ -461,7 +461,7 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
     if cfg.model.init:
         try:
             init_folder = str(storage.download_dir(cfg.model.init))
-            read_meta(init_folder)  # fails here, not in every worker
+            init_meta = read_meta(init_folder)  # fails here, not in every worker
         except (storage.StorageError, ValueError) as err:
             raise ValueError(f"model.init: {err}") from None
     if job == "finetune":
@@ -512,7 +512,7 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
     backbone = create_backbone(cfg.model.name, cfg.model.kwargs)  # also checks name and kwargs
     if cfg.model.init:
         try:
-            check_backbone_weights(backbone, init_folder)
+            check_backbone_weights(backbone, init_folder, init_meta)
         except ValueError as err:
             raise ValueError(f"model.init: {err} (model.name is {cfg.model.name})") from None
     pre = preprocessing_config(backbone, cfg.data.image_size)
@@ -560,14 +560,6 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=(), start_from
 
     use_gpu = uses_gpu(cfg)
     check_fits_cluster(cfg, job, use_gpu)
-    spare = ray.cluster_resources().get("CPU", 0) - cfg.train.workers * cfg.train.cpus_per_worker
-    if spare < 0.5:  # Ray Data's decode tasks then wait forever (unless an autoscaler adds nodes)
-        print(
-            f"[{job}] warning: {cfg.train.workers} workers x {cfg.train.cpus_per_worker} CPUs leave "
-            f"{max(spare, 0):g} of the cluster's CPUs for the input pipeline; lower train.cpus_per_worker",
-            file=sys.stderr,
-            flush=True,
-        )
     datasets = input_datasets(cfg, job, plan["meta"]["preprocessing"])
     # The controller polls its workers every 2 s by default, so each report, and the end of
     # the run, reached us up to 2 s late; at 0.5 s a sweep trial ended 2-3 s sooner. The
@@ -598,7 +590,8 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=(), start_from
 
 def check_fits_cluster(cfg: JobConfig, job: str, use_gpu: bool) -> None:
     """Workers that ask for more than the cluster has: Ray Train waits for them, forever on
-    a job's own local instance (a one-line error), or until an autoscaler adds nodes."""
+    a job's own local instance (a one-line error), or until an autoscaler adds nodes. And
+    workers that leave no CPU for the input pipeline (a warning)."""
     have = ray.cluster_resources()
     workers, cpus = cfg.train.workers, cfg.train.workers * cfg.train.cpus_per_worker
     short = [
@@ -614,6 +607,14 @@ def check_fits_cluster(cfg: JobConfig, job: str, use_gpu: bool) -> None:
         raise ConfigError(f"{key}: {what}; this job's own Ray instance cannot grow ({fix})")
     for _, what, _ in short:
         print(f"[{job}] warning: {what}; Ray Train waits until nodes are added", file=sys.stderr, flush=True)
+    spare = have.get("CPU", 0) - cpus
+    if spare < 0.5:  # Ray Data's decode tasks then wait forever (unless an autoscaler adds nodes)
+        print(
+            f"[{job}] warning: {workers} workers x {cfg.train.cpus_per_worker} CPUs leave "
+            f"{max(spare, 0):g} of the cluster's CPUs for the input pipeline; lower train.cpus_per_worker",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def uses_gpu(cfg: JobConfig) -> bool:

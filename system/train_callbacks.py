@@ -22,14 +22,10 @@ class MetricsLogger(UserCallback):
     def __init__(self, storage_root: str, run_name: str):
         self.uri = storage.join(storage.normalize(storage_root), run_name, "metrics.jsonl")
         self.lines: list[str] = []
-        fs, path = storage.filesystem(self.uri)
-        if fs.get_file_info(path).type.name == "File":  # a resumed run continues the file
-            with fs.open_input_stream(path) as stream:
-                self.lines = stream.read().decode().splitlines()
+        if storage.exists(self.uri):  # a resumed run continues the file
+            self.lines = storage.read_text(self.uri).splitlines()
 
     def after_report(self, run_context, metrics, checkpoint):
         self.lines.append(json.dumps({"time": time.time(), **metrics[0]}, default=float))
-        fs, path = storage.filesystem(self.uri)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path) as out:  # rewritten whole: works on object stores too
-            out.write(("\n".join(self.lines) + "\n").encode())
+        # Rewritten whole: works on object stores too.
+        storage.write_text(self.uri, "\n".join(self.lines) + "\n")
