@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_decode.py [--images 256] [--size 320] [--model resnet50]
 
-system.transforms.images_to_tensor decodes encoded images and applies the model's timm
+system.data.transforms.images_to_tensor decodes encoded images and applies the model's timm
 eval transform (resize, centre crop, normalise): what the Serve embedder, Ray Data's
 embedding actors and `embed_images` run before the model. On a GPU that is the bottleneck
 (benchmarks/bench_gpu.py: one thread decodes about 200 photo-sized JPEGs/s, a GPU embeds
@@ -23,8 +23,8 @@ import numpy as np
 from common import append_row  # benchmarks/common.py (scripts run by path)
 from PIL import Image
 
-from system.models import create_backbone
-from system.transforms import eval_transform, images_to_tensor, preprocessing_config
+from system.data.transforms import eval_transform, images_to_tensor, preprocessing_config
+from system.models.artifact import create_backbone
 
 
 def photo_like_jpegs(count: int, size: int) -> list[bytes]:

@@ -39,10 +39,10 @@ def main() -> None:
     import ray
     import torch
 
-    from system.data import digits_dataset
-    from system.embed import embed_images, run_embed
-    from system.models import Embedder, create_backbone, load_artifact, save_model
-    from system.transforms import preprocessing_config
+    from system.data.dataset import digits_dataset
+    from system.data.transforms import preprocessing_config
+    from system.embed.batch import embed_images, run_embed
+    from system.models.artifact import Embedder, create_backbone, load_artifact, save_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     data = str(CIFAR) if CIFAR.is_file() else digits_dataset(str(work / "digits"))[0]

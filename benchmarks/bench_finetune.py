@@ -6,10 +6,10 @@
 
 Transfer setup, small enough for a 2-core CPU (about 5-8 minutes): a supervised pretrain
 on CIFAR-10's classes 0-4 gives the starting model artifact (written with
-system.models.save_model, loaded with model.init like a real run); every method then
+system.models.artifact.save_model, loaded with model.init like a real run); every method then
 fine-tunes on classes 5-9 for the same number of steps (equal budget) with the same data
-order, the model built by system.train_module.build_model and optimised by its
-build_optimizer (system.optim: AdamW, 10x head lr, cosine). Top-1 is on CIFAR-10's test images of
+order, the model built by system.train.module.build_model and optimised by its
+build_optimizer (system.train.optim: AdamW, 10x head lr, cosine). Top-1 is on CIFAR-10's test images of
 classes 5-9. Prints a table and, for svfit and svfit+norms (finetune.train_norms), the
 ratios to lora r=8 (accuracy gap, parameter ratio)
 against the goal (within 1 point of lora r=8 with >= 10x fewer trainable parameters),
@@ -38,11 +38,11 @@ import torch
 from common import CIFAR10, machine  # benchmarks/common.py (scripts run by path)
 from PIL import Image
 
-from system.adapters import count_parameters
+from system.adapters.registry import count_parameters
 from system.config import build_config
-from system.models import Embedder, save_model
-from system.optim import build_optimizer, cosine_with_warmup
-from system.train_module import build_model, train_mode
+from system.models.artifact import Embedder, save_model
+from system.train.module import build_model, train_mode
+from system.train.optim import build_optimizer, cosine_with_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

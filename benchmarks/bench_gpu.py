@@ -6,13 +6,13 @@ Written for the GPU machines lent to development sessions, which have PyTorch bu
 install Ray (its wheel is too large to carry): every piece measured is the project's own
 code, called without the Ray layer around it.
 
-Training: the module a `repforge pretrain` worker builds (system.train_module.build_model,
-supervised objective, 224 px), system.optim's AdamW and the step train.py runs, in a
+Training: the module a `repforge pretrain` worker builds (system.train.module.build_model,
+supervised objective, 224 px), system.train.optim's AdamW and the step train.py runs, in a
 one-rank NCCL process group. Images are synthetic and already on the GPU, so the input
 pipeline (Ray Data on a cluster) is not part of the number. Variants:
 - ddp fp32: DistributedDataParallel without autocast (TF32 off): the baseline;
 - ddp bf16: DDP + bf16 autocast + channels_last, what train.py runs on a GPU;
-- fsdp bf16: system.parallel.apply_fsdp (FSDP2 per block, bf16 params, fp32 reduce).
+- fsdp bf16: system.train.parallel.apply_fsdp (FSDP2 per block, bf16 params, fp32 reduce).
 Reported: images/s (median of 3 windows), model FLOPs utilisation (FLOPs of one training
 step counted by torch.utils.flop_counter, over the GPU's dense bf16 peak) and peak memory.
 
@@ -39,12 +39,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
 from system.config import build_config
-from system.embed import embed_images
-from system.models import Embedder, create_backbone
-from system.optim import build_optimizer
-from system.parallel import apply_fsdp
-from system.train_module import build_model, train_mode
-from system.transforms import preprocessing_config
+from system.data.transforms import preprocessing_config
+from system.embed.batch import embed_images
+from system.models.artifact import Embedder, create_backbone
+from system.train.module import build_model, train_mode
+from system.train.optim import build_optimizer
+from system.train.parallel import apply_fsdp
 
 # Dense bf16 tensor-core peak (no sparsity), from the vendors' data sheets.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}

@@ -85,9 +85,9 @@ def main() -> None:
     import faiss
     import hnswlib
 
-    from system.embed import embeddings_table
+    from system.embed.batch import embeddings_table
     from system.index import build_index, open_index
-    from system.index_tune import set_search_params
+    from system.index.tune import set_search_params
 
     threads = os.cpu_count() or 1
     faiss.omp_set_num_threads(threads)

@@ -36,7 +36,7 @@ BILLION = 1_000_000_000
 
 
 def write_clustered(folder: Path, count: int, dim: int, per_file: int = 100_000) -> None:
-    from system.embed import embeddings_table
+    from system.embed.batch import embeddings_table
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((1000, dim)).astype(np.float32)
@@ -60,7 +60,7 @@ def main() -> None:
     import faiss
 
     from system.index import build_index, evaluate_index
-    from system.index_build import iter_batches, scan
+    from system.index.build import iter_batches, scan
 
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="bench-index-scale-"))

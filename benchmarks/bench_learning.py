@@ -30,9 +30,9 @@ def random_init_knn(model_name: str, test: str) -> float:
     import pyarrow.parquet as pq
     import torch
 
+    from system.data.transforms import eval_transform, images_to_tensor, preprocessing_config
     from system.metrics import knn_accuracy
-    from system.models import create_backbone
-    from system.transforms import eval_transform, images_to_tensor, preprocessing_config
+    from system.models.artifact import create_backbone
 
     torch.manual_seed(0)
     backbone = create_backbone(model_name, {}).eval()

@@ -33,10 +33,10 @@ def bare_loop_images_per_s(cfg, data: str, steps: int, threads: int, device: str
     """The baseline: no Ray, no DDP; the global batch in one process (bf16 autocast on a GPU)."""
     import torch
 
-    from system.data import read_classes
-    from system.optim import build_optimizer
-    from system.train_module import build_model, train_mode
-    from system.transforms import preprocess_batch, preprocessing_config
+    from system.data.dataset import read_classes
+    from system.data.transforms import preprocess_batch, preprocessing_config
+    from system.train.module import build_model, train_mode
+    from system.train.optim import build_optimizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -80,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from system.config import build_config
-    from system.data import digits_dataset
+    from system.data.dataset import digits_dataset
 
     work = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
     train = CIFAR10 / "train.parquet"

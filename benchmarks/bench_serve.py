@@ -119,11 +119,11 @@ def main() -> None:
 
     from serve.app import start_app, stop_app
     from system import storage
-    from system.data import digits_dataset
-    from system.embed import embed_images, embeddings_metadata, embeddings_table
+    from system.data.dataset import digits_dataset
+    from system.data.transforms import eval_transform, images_to_tensor, preprocessing_config
+    from system.embed.batch import embed_images, embeddings_metadata, embeddings_table
     from system.index import build_index, open_index
-    from system.models import Embedder, create_backbone, load_artifact, save_model
-    from system.transforms import eval_transform, images_to_tensor, preprocessing_config
+    from system.models.artifact import Embedder, create_backbone, load_artifact, save_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     table = pq.read_table(storage.parquet_files(digits_dataset(str(work / "digits"))[0]))

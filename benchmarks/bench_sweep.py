@@ -44,7 +44,7 @@ import ray
 from common import CIFAR10, append_row  # benchmarks/common.py (scripts run by path)
 
 from system.config import build_config
-from system.data import digits_dataset
+from system.data.dataset import digits_dataset
 from tune.sweep import run_sweep
 
 LRS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]

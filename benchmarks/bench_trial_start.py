@@ -37,7 +37,7 @@ import argparse, json, sys, time
 sys.path.insert(0, sys.argv[3])  # benchmarks/ of this checkout: bench_sweep's config
 from bench_sweep import sweep_tree
 from system.config import build_config
-from system.data import digits_dataset
+from system.data.dataset import digits_dataset
 from tune.sweep import run_sweep
 
 root, trials, in_process = sys.argv[1], int(sys.argv[2]), sys.argv[4] == "1"

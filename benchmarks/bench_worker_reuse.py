@@ -23,7 +23,7 @@ from common import ROOT, append_row, seconds_from_script  # benchmarks/common.py
 RUNS = """
 import json, sys, time
 from system.config import load_config
-from system.data import digits_dataset
+from system.data.dataset import digits_dataset
 from system.ray_env import ensure_ray
 from system.train import run_training
 

@@ -33,7 +33,7 @@ from serve.parsing import ApiError, pydantic_message  # noqa: F401  (ApiError: p
 from serve.schemas import AppArgs
 from system import storage
 from system.index import MANIFEST_FILE
-from system.models import ModelError, read_meta
+from system.models.artifact import ModelError, read_meta
 from system.ray_env import ensure_ray
 
 APP_NAME = "repforge"
@@ -111,7 +111,7 @@ def _check_index(uri: str, model_meta: dict) -> None:
             manifest = json.loads(f.read())
     except (OSError, ValueError):
         raise ServeArgsError(f"index: not an index (no readable {MANIFEST_FILE}): {uri}") from None
-    # The same rule as system.index.check_fingerprint, applied before any replica starts.
+    # The same rule as system.index.api.check_fingerprint, applied before any replica starts.
     built_from, model = manifest.get("fingerprint"), model_meta.get("fingerprint")
     if built_from and model and built_from != model:
         raise ServeArgsError(f"index: built from model {built_from}, but model {model} is served")

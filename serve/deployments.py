@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from system.transforms import decode_threads, eval_transform, images_to_tensor
+from system.data.transforms import decode_threads, eval_transform, images_to_tensor
 
 log = logging.getLogger("ray.serve")
 
@@ -87,7 +87,7 @@ class ModelVersion:
 
 
 def load_version(uri: str, device: str) -> ModelVersion:
-    from system.models import load_artifact
+    from system.models.artifact import load_artifact
 
     model, meta = load_artifact(uri, device)
     names = meta.get("classes") or []
@@ -97,7 +97,7 @@ def load_version(uri: str, device: str) -> ModelVersion:
 
 def decode_request(images: list[bytes], transform) -> np.ndarray:
     """images_to_tensor, or InvalidImage naming the first image that does not decode."""
-    from system.data import check_image
+    from system.data.dataset import check_image
 
     try:
         return images_to_tensor(images, transform, decode_threads())
@@ -217,7 +217,7 @@ class RetrieverDeployment:
 
     async def reconfigure(self, config: dict) -> None:
         from system.index import open_index
-        from system.models import read_meta
+        from system.models.artifact import read_meta
 
         uri = config["index"]
         model = (await asyncio.to_thread(read_meta, config["model"])).get("fingerprint")
@@ -263,7 +263,7 @@ class RetrieverDeployment:
         return {"hits": hits, "metric": index.metric}
 
     async def search_by_id(self, ids: list[str], k: int, dim: int | None = None) -> list[list[dict]]:
-        """Neighbours of indexed items; an unknown id raises system.index.IndexInputError."""
+        """Neighbours of indexed items; an unknown id raises system.index.api.IndexInputError."""
         index = self.current
         if dim is None:
             return _hits(index, *index.search_by_id(ids, k))

@@ -26,7 +26,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from serve.schemas import AppArgs
-from system.data import IMAGE_FORMATS, check_image
+from system.data.dataset import IMAGE_FORMATS, check_image
 
 
 class ApiError(Exception):

@@ -56,7 +56,7 @@ def cifar10_dir() -> Path:
 @pytest.fixture(scope="session")
 def digits_data(tmp_path_factory) -> tuple[str, str]:
     """scikit-learn's real digits as canonical Parquet: (train_uri, test_uri)."""
-    from system.data import digits_dataset
+    from system.data.dataset import digits_dataset
 
     return digits_dataset(str(tmp_path_factory.mktemp("digits")))
 
@@ -85,7 +85,7 @@ def quickstart_run(ray_local, tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "system.cli",
+            "repforge",
             "quickstart",
             "--storage",
             str(storage),

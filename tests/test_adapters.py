@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from system.adapters import ADAPTERS, adapter_bytes, count_parameters, get_adapter, load_adapter
+from system.adapters.registry import ADAPTERS, adapter_bytes, count_parameters, get_adapter, load_adapter
 from system.config import FinetuneConfig
 
 METHODS = ["full", "linear", "norm", "lora", "dora", "pissa", "loha", "ia3", "svfit"]

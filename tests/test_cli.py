@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from system.cli import build_parser, main
+from repforge.cli import build_parser, main
 
 SUBCOMMANDS = [
     ["data", "ingest"],
@@ -163,8 +163,8 @@ def test_workers_that_this_instance_cannot_hold_are_one_line_exit_2(
 @pytest.mark.parametrize("damage", ["another model.name", "no weights", "garbled weights", "garbled json"])
 def test_init_artifact_that_cannot_load_is_one_line_exit_2(damage, capsys, digits_data, tmp_path):
     """model.init is checked on the driver against the model it initialises, not in each worker."""
-    from system.models import Embedder, create_backbone, save_model
-    from system.transforms import preprocessing_config
+    from system.data.transforms import preprocessing_config
+    from system.models.artifact import Embedder, create_backbone, save_model
 
     backbone = create_backbone("test_resnet", {})
     pre = preprocessing_config(backbone, 32)
@@ -207,9 +207,9 @@ def test_counts_below_one_are_refused_by_the_parser(argv, capsys):
 
 
 def test_module_entry_point_exit_code():
-    """`python -m system.cli` (what `ray job submit` runs) has the same contract."""
+    """`python -m repforge.cli` (what `ray job submit` runs) has the same contract."""
     done = subprocess.run(
-        [sys.executable, "-m", "system.cli", "pretrain", "--set", "train.nope=1"],
+        [sys.executable, "-m", "repforge", "pretrain", "--set", "train.nope=1"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -255,8 +255,8 @@ def test_a_table_that_is_not_the_dataset_is_one_line_before_ray(tmp_path, capsys
 
 def test_serve_flags_are_the_app_settings():
     """Every scalar AppArgs field is a `repforge serve` flag; unset ones keep the app's default."""
+    from repforge.commands.serve import app_settings
     from serve.schemas import AppArgs
-    from system.cli import app_settings
 
     args = build_parser().parse_args(
         ["serve", "--model", "m", "--max-k", "5", "--replica-cpus", "0.5", "--no-persist-items"]

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from system.data import (
+from system.data.dataset import (
     DataError,
     class_repeats,
     count_rows,
@@ -351,7 +351,7 @@ def test_digits_dataset_is_real_split_and_reused(digits_data):
 
 def test_threaded_decoding_equals_one_thread(cifar10_dir):
     """Real CIFAR-10 images through a timm eval transform: 4 threads give the same tensor, in order."""
-    from system.transforms import eval_transform, images_to_tensor
+    from system.data.transforms import eval_transform, images_to_tensor
 
     images = pq.read_table(cifar10_dir / "test.parquet", columns=["image"]).slice(0, 64)
     images = images.column("image").to_pylist()

@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from system import storage
-from system.embed import embed_images, read_embeddings, run_embed
-from system.models import Embedder, create_backbone, load_artifact, save_model
-from system.transforms import preprocessing_config
+from system.data.transforms import preprocessing_config
+from system.embed.batch import embed_images, read_embeddings, run_embed
+from system.models.artifact import Embedder, create_backbone, load_artifact, save_model
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_embed_refuses_existing_output(model_uri, digits_data, tmp_path):
 
 def test_embed_resumes_after_crash(ray_local, digits_data, tmp_path, monkeypatch, capsys):
     """A crash after the first shard is written; the re-run skips it and embeds only the rest."""
-    import system.embed as embed
+    import system.embed.batch as embed
 
     backbone = create_backbone("test_resnet", {})
     meta = {

@@ -1,4 +1,4 @@
-"""system.index on real data: scikit-learn's digits (1,797 images of 8x8 pixels) as vectors.
+"""system.index.api on real data: scikit-learn's digits (1,797 images of 8x8 pixels) as vectors.
 
 The pixels, L2-normalised, stand in for embeddings: real, clustered, with near-duplicates,
 which is what makes ties and approximate search show up. Everything runs real FAISS.
@@ -18,7 +18,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from system import storage
-from system.embed import embeddings_table
+from system.embed.batch import embeddings_table
 from system.index import (
     IndexInputError,
     VectorIndex,
@@ -303,7 +303,7 @@ def test_build_tasks_pinned_to_the_driver_node_run_there(ray_local):
     # A remote --out stages in a folder of the driver's machine: its tasks must all run there.
     import ray
 
-    from system.index_build import _ray_map
+    from system.index.build import _ray_map
 
     def node_of_task() -> str:  # nested: pickled by value (workers cannot import tests/)
         return ray.get_runtime_context().get_node_id()

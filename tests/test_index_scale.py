@@ -19,11 +19,11 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from system import index_build
-from system.embed import embeddings_table
+from system.embed.batch import embeddings_table
 from system.index import IndexInputError, VectorIndex, build_index, evaluate_index, open_index
-from system.index_build import _prefix_dim
-from system.index_recipes import choose_factory, new_index, shard_of
+from system.index import build as index_build
+from system.index.build import _prefix_dim
+from system.index.recipes import choose_factory, new_index, shard_of
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

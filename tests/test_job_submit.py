@@ -107,7 +107,7 @@ def test_ray_job_submit_pretrain(ray_head, digits_data, tmp_path):
         "--",
         sys.executable,
         "-m",
-        "system.cli",
+        "repforge",
         "pretrain",
         "--config",
         str(ROOT / "configs" / "quickstart.yaml"),

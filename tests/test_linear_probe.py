@@ -18,7 +18,7 @@ import torch
 
 from system import storage
 from system.config import ConfigError, load_config
-from system.linear_probe import RidgeStats, pick_ridge, solve_head
+from system.train.linear_probe import RidgeStats, pick_ridge, solve_head
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_ridge_is_picked_on_validation_accuracy():
 
 
 def test_closed_form_needs_method_linear(monkeypatch, capsys):
-    from system import cli
+    from repforge import cli
 
     with pytest.raises(ConfigError) as info:
         load_config(None, ["finetune.method=lora", "finetune.closed_form=true"])
@@ -95,9 +95,9 @@ def test_closed_form_needs_method_linear(monkeypatch, capsys):
 def test_closed_form_linear_probe_on_digits(ray_local, digits_data, tmp_path):
     """Random-init tiny ResNet features on real digits: one pass, a head well above chance (0.1),
     published like any fine-tune, and the artifact reproduces the reported val_acc."""
-    from system.models import load_artifact
+    from system.data.transforms import eval_transform, images_to_tensor
+    from system.models.artifact import load_artifact
     from system.train import run_training
-    from system.transforms import eval_transform, images_to_tensor
 
     train_uri, val_uri = digits_data
     cfg = load_config(

@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from system.config import ObjectiveConfig
-from system.objectives import OBJECTIVES, get_objective
+from system.objectives.registry import OBJECTIVES, get_objective
 from system.objectives.rotation import rotate_batch
 from system.objectives.simclr import nt_xent
 

@@ -18,11 +18,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from system.adapters import get_adapter
-from system.checkpoint import full_model_state, load_checkpoint, save_checkpoint
+from system.adapters.registry import get_adapter
 from system.config import FinetuneConfig, ObjectiveConfig, TrainConfig
 from system.objectives.simclr import SimCLR, nt_xent
-from system.parallel import apply_fsdp, residual_blocks
+from system.train.checkpoint import full_model_state, load_checkpoint, save_checkpoint
+from system.train.parallel import apply_fsdp, residual_blocks
 
 WORLD = 2
 STEPS = 3
@@ -51,7 +51,7 @@ def tiny_vit() -> nn.Module:
 
 
 class Module(nn.Module):
-    """Backbone + SimCLR objective, the shape of system.train.TrainModule."""
+    """Backbone + SimCLR objective, the shape of system.train.module.TrainModule."""
 
     def __init__(self, method: str | None = None):
         super().__init__()
@@ -223,7 +223,7 @@ def test_fsdp_refuses_a_model_without_blocks():
 def _bf16_fsdp_worker(rank, world, out):
     from system.config import build_config
     from system.train import evaluate
-    from system.train_module import build_model
+    from system.train.module import build_model
 
     tree = {"model": {"name": "test_resnet"}, "finetune": {"method": "full"}, "train": {"strategy": "fsdp"}}
     cfg = build_config(tree)

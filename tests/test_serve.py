@@ -27,10 +27,10 @@ from ray import serve
 
 from serve.app import APP_NAME, ServeArgsError, build_app, start_app, stop_app
 from system import storage
-from system.embed import embed_images, embeddings_metadata, embeddings_table
+from system.data.transforms import eval_transform, images_to_tensor, preprocessing_config
+from system.embed.batch import embed_images, embeddings_metadata, embeddings_table
 from system.index import build_index
-from system.models import Embedder, create_backbone, save_model
-from system.transforms import eval_transform, images_to_tensor, preprocessing_config
+from system.models.artifact import Embedder, create_backbone, save_model
 
 CLASSES = [str(i) for i in range(10)]
 MATRYOSHKA_DIMS = (16, 32)

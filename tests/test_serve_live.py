@@ -26,10 +26,10 @@ import torch
 from serve.app import ServeArgsError, start_app, stop_app, swap_versions
 from serve.classes import knn_vote
 from system import storage
-from system.embed import embed_images, embeddings_metadata, embeddings_table
+from system.data.transforms import preprocessing_config
+from system.embed.batch import embed_images, embeddings_metadata, embeddings_table
 from system.index import build_index, open_index
-from system.models import Embedder, create_backbone, save_model
-from system.transforms import preprocessing_config
+from system.models.artifact import Embedder, create_backbone, save_model
 from tests.conftest import free_port
 
 CLASSES = [str(i) for i in range(10)]

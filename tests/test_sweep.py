@@ -18,7 +18,7 @@ import torch
 from ray import tune
 
 from system.config import ConfigError, build_config, load_config
-from system.models import read_meta
+from system.models.artifact import read_meta
 from tune.space import tune_space, validate_space
 
 
@@ -283,7 +283,7 @@ def test_pbt_needs_reports_and_checkpoints(train, key):
     ],
 )
 def test_pbt_config_error_exits_2_before_anything_runs(space, key, capsys, tmp_path):
-    from system.cli import main
+    from repforge.cli import main
 
     sets = ["data.train=/nonexistent", "sweep.scheduler=pbt", f"sweep.space={space}"]
     sets += ["train.eval_every=4", "train.checkpoint_every=8", f"run.storage={tmp_path}"]
@@ -366,8 +366,8 @@ def test_spectrum_prior_proposes_a_rank_per_target():
     assert set(low) == set(high) and len(low) >= 4
     assert all(1 <= low[k] <= high[k] for k in low) and sum(low.values()) < sum(high.values())
     # The prior is a valid rank_pattern: LoRA gets exactly those ranks.
-    from system.adapters import count_parameters, get_adapter
-    from system.models import create_backbone
+    from system.adapters.registry import count_parameters, get_adapter
+    from system.models.artifact import create_backbone
 
     cfg = build_config({"model": {"name": "test_resnet"}, "finetune": {"rank_pattern": low}})
     lora = get_adapter("lora").apply(create_backbone("test_resnet"), cfg.finetune)
@@ -432,7 +432,7 @@ def test_asha_sweep_interrupted_resumed_and_reported(ray_local, digits_data, tmp
     tree["sweep"]["in_process"] = in_process
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(tree))
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    cmd = [sys.executable, "-m", "system.cli", "sweep", "--config", str(tmp_path / "sweep.yaml")]
+    cmd = [sys.executable, "-m", "repforge", "sweep", "--config", str(tmp_path / "sweep.yaml")]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     folder = tmp_path / "asha"
     deadline = time.monotonic() + 600
@@ -691,7 +691,7 @@ def test_invalid_space_exits_2_with_one_line(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "system.cli",
+        "repforge",
         "sweep",
         "--set",
         "data.train=x",

@@ -15,10 +15,16 @@ import pytest
 import torch
 
 from system import storage
-from system.embed import embed_images
+from system.data.transforms import eval_transform, images_to_tensor
+from system.embed.batch import embed_images
 from system.metrics import knn_accuracy
-from system.models import Embedder, create_backbone, fingerprint_file, load_artifact, load_backbone_weights
-from system.transforms import eval_transform, images_to_tensor
+from system.models.artifact import (
+    Embedder,
+    create_backbone,
+    fingerprint_file,
+    load_artifact,
+    load_backbone_weights,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -86,8 +92,8 @@ def test_continuing_a_run_with_another_adapter_is_refused(runs):
     """`finetune` again under the same run.name continues that run from its checkpoints; with
     another method they cannot load, so it stops at one line, before any Ray work."""
     from system.config import ConfigError, build_config
-    from system.run_record import CONFIG_FILE
     from system.train import run_training
+    from system.train.run_record import CONFIG_FILE
 
     tree = json.loads((runs / "finetune" / CONFIG_FILE).read_text())  # written when it started
     assert tree.pop("classes") == [str(i) for i in range(10)]

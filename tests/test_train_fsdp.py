@@ -66,7 +66,7 @@ def test_fsdp_run_survives_a_killed_worker(ray_local, digits_data, tmp_path, mon
 
     # `repforge runs show` on the finished run: a table row per report and a real PNG.
     done = subprocess.run(
-        [sys.executable, "-m", "system.cli", "runs", "show", "fsdp", "--storage", str(tmp_path)],
+        [sys.executable, "-m", "repforge", "runs", "show", "fsdp", "--storage", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -6,7 +6,7 @@ reports. On 2 CPUs that is about 12 s per trial before the first step, which for
 of short trials, most of them stopped at their first rung, is most of what a stopped trial
 costs (benchmarks/bench_sweep.py). In-process, the trial's own process, reused from trial to
 trial with torch and timm already imported, runs the same training loop
-(`system.train.run_loop`) as the only worker: the whole datasets, the trial's device, and
+(`system.train.loop.run_loop`) as the only worker: the whole datasets, the trial's device, and
 reports that go straight to Tune, checkpoints included (Tune keeps them in `_tune/`).
 
 Ray Train has a local mode of its own (`ScalingConfig(num_workers=0)`: the loop runs in the
@@ -24,7 +24,7 @@ from ray import tune
 
 from system.config import JobConfig
 from system.train import input_datasets, loop_config, run_loop, uses_gpu
-from system.train_callbacks import MetricsLogger
+from system.train.callbacks import MetricsLogger
 
 # Set when Tune stops this process's trial or hands the process to the next trial: the loop
 # returns at its next step, so the process is free at once (tune/sweep.py, SweepTrial).

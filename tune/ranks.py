@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import re
 
-from system.adapters import target_modules
+from system.adapters.registry import target_modules
 from system.adapters.svfit import energy_rank
 from system.config import JobConfig
-from system.models import create_backbone, load_backbone_weights
+from system.models.artifact import create_backbone, load_backbone_weights
 
 
 def spectrum_prior(cfg: JobConfig, energy: float) -> dict[str, int]:

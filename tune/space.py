@@ -95,8 +95,8 @@ def _check_names(cfg: JobConfig, key: str) -> None:
     """Names the config cannot check itself (registries, timm's models), when `key` sets one."""
     import timm
 
-    from system.adapters import get_adapter
-    from system.objectives import get_objective
+    from system.adapters.registry import get_adapter
+    from system.objectives.registry import get_objective
 
     if key == "model.name" and not timm.is_model(cfg.model.name):
         raise ConfigError(f"model.name: unknown timm model {cfg.model.name!r}")

@@ -49,20 +49,14 @@ from pyarrow import fs as pafs
 from ray import tune
 from ray.util.queue import Empty, Queue
 
-from system import run_record, storage
+from system import storage
 from system.config import ConfigError, JobConfig, build_config, set_dotted
-from system.data import count_rows, read_classes
+from system.data.dataset import count_rows, read_classes
 from system.ray_env import ensure_ray, omp_env
-from system.train import (
-    absolute_uris,
-    build_trainer,
-    plan_run,
-    planned_steps,
-    publish_result,
-    train_storage,
-    uses_gpu,
-)
-from system.train_callbacks import MetricsLogger
+from system.train import build_trainer, plan_run, planned_steps, run_record, uses_gpu
+from system.train.callbacks import MetricsLogger
+from system.train.export import publish_result
+from system.train.plan import absolute_uris, train_storage
 from tune.callbacks import ControllerHandoff, ReportToTune
 from tune.in_process import stop_trial, train_in_process, trial_resources
 from tune.ranks import describe, spectrum_prior

@@ -7,8 +7,8 @@ peft's LoraConfig(use_dora=True); everything else (targets, ranks, save, merge) 
 
 from __future__ import annotations
 
-from system.adapters import register_adapter
-from system.adapters.lora import load_peft, lora_config, merge_peft, save_peft
+from system.adapters.peft_common import load_peft, lora_config, merge_peft, save_peft
+from system.adapters.registry import register_adapter
 
 
 @register_adapter("dora", export=merge_peft, save_adapter=save_peft, load_adapter=load_peft)

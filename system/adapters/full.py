@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from system.adapters import ADAPTER_JSON, register_adapter
+from system.adapters.registry import ADAPTER_JSON, register_adapter
 
 
 def _identity(backbone):

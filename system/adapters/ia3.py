@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import re
 
-from system.adapters import register_adapter, target_modules
-from system.adapters.lora import load_peft, merge_peft, save_peft
+from system.adapters.peft_common import load_peft, merge_peft, save_peft
+from system.adapters.registry import register_adapter, target_modules
 
 FEEDFORWARD = r".*\.fc2$"  # scaled on the input side: the MLP's hidden activations
 

@@ -1,72 +1,16 @@
-"""LoRA (Hu et al., 2021) through HF peft on a timm backbone; dora, pissa, loha and ia3 reuse it.
+"""LoRA (Hu et al., 2021) through HF peft on a timm backbone.
 
 peft wraps the backbone (PeftModel) and injects low-rank A/B matrices into the target
 modules; everything else is frozen. The adapter saves in peft's own format and merges
-back into plain weights for serving. Per-module ranks: `finetune.rank_pattern` (regex ->
-rank, peft's matching rule), all scaled by the global budget `finetune.rank_scale`.
+back into plain weights for serving. The rank options are peft_common's.
 
     .venv/bin/python -m pytest -q tests/test_adapters.py -k lora
 """
 
 from __future__ import annotations
 
-import re
-
-from torch import nn
-
-from system.adapters import pattern_rank, register_adapter, scaled, target_modules
-
-
-def module_ranks(backbone: nn.Module, cfg, linear_only: bool = False) -> dict[str, int]:
-    """{target module name: rank}: rank_pattern or rank, times rank_scale, at most the weight's rank."""
-    ranks = {}
-    for name, module in target_modules(backbone, cfg.target_modules).items():
-        if linear_only and not isinstance(module, nn.Linear):
-            continue
-        limit = min(module.weight.shape[0], module.weight[0].numel())
-        ranks[name] = scaled(pattern_rank(name, cfg) or cfg.rank, cfg, limit)
-    return ranks
-
-
-def rank_options(backbone: nn.Module, cfg, linear_only: bool = False) -> dict:
-    """peft's rank options with explicit per-module ranks (exact names), so peft and we agree on them.
-
-    Shared by the peft methods with a rank (LoRA's config names alpha `lora_alpha`, LoHa's `alpha`).
-    """
-    ranks = module_ranks(backbone, cfg, linear_only)
-    if not ranks:
-        raise ValueError(f"finetune.target_modules: no Linear layer among the targets of {cfg.method}")
-    base = scaled(cfg.rank, cfg)
-    pattern = {re.escape(name): r for name, r in ranks.items() if r != base}
-    # alpha = 2 x rank by default: the update's scale (alpha / r) stays the same at every rank.
-    return {
-        "r": base,
-        "alpha": cfg.alpha or 2 * base,
-        "target_modules": sorted(ranks),
-        "rank_pattern": pattern,
-        "alpha_pattern": {} if cfg.alpha else {key: 2 * r for key, r in pattern.items()},
-    }
-
-
-def lora_config(backbone: nn.Module, cfg, linear_only: bool = False, **extra):
-    from peft import LoraConfig
-
-    options = rank_options(backbone, cfg, linear_only)
-    return LoraConfig(lora_alpha=options.pop("alpha"), lora_dropout=cfg.dropout, **options, **extra)
-
-
-def merge_peft(backbone):
-    return backbone.merge_and_unload()
-
-
-def save_peft(backbone, folder):
-    backbone.save_pretrained(str(folder))
-
-
-def load_peft(backbone, folder):
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(backbone, str(folder))
+from system.adapters.peft_common import load_peft, lora_config, merge_peft, save_peft
+from system.adapters.registry import register_adapter
 
 
 @register_adapter("lora", export=merge_peft, save_adapter=save_peft, load_adapter=load_peft)
@@ -74,6 +18,3 @@ def apply_lora(backbone, cfg):
     from peft import get_peft_model
 
     return get_peft_model(backbone, lora_config(backbone, cfg))
-
-
-from system.adapters import dora, ia3, loha, pissa  # noqa: E402,F401  (peft methods built on this file)

@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from system.adapters import ADAPTER_JSON, ADAPTER_WEIGHTS, register_adapter
+from system.adapters.registry import ADAPTER_JSON, ADAPTER_WEIGHTS, register_adapter
 
 # timm's LayerNorm/LayerNorm2d/BatchNormAct2d/GroupNorm1 subclass these.
 NORM_TYPES = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.RMSNorm)

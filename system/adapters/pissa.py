@@ -17,8 +17,8 @@ import tempfile
 
 from torch import nn
 
-from system.adapters import register_adapter, target_modules
-from system.adapters.lora import load_peft, lora_config, merge_peft
+from system.adapters.peft_common import load_peft, lora_config, merge_peft
+from system.adapters.registry import register_adapter, target_modules
 
 
 def save_pissa(backbone, folder):

@@ -20,7 +20,7 @@ its own svfit can only rescale directions each weight already has, and in
 benchmarks/RESULTS.md it stayed 1.7-3.4 points behind LoRA r=8; the norms' per-channel
 shifts and scales are the cheapest thing that adds what it lacks.
 
-    python -c "import timm; from system.adapters import get_adapter, count_parameters; \
+    python -c "import timm; from system.adapters.registry import get_adapter, count_parameters; \
 from system.config import FinetuneConfig; m = get_adapter('svfit').apply(timm.create_model('test_resnet', \
 num_classes=0), FinetuneConfig(method='svfit')); print(count_parameters(m))"
 """
@@ -35,7 +35,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from system.adapters import (
+from system.adapters.norm import load_norm_state, norm_layers, norm_state, unfreeze_norms
+from system.adapters.registry import (
     ADAPTER_JSON,
     ADAPTER_WEIGHTS,
     pattern_rank,
@@ -43,7 +44,6 @@ from system.adapters import (
     scaled,
     target_modules,
 )
-from system.adapters.norm import load_norm_state, norm_layers, norm_state, unfreeze_norms
 
 NORMS_PREFIX = "norms."  # adapter keys of the normalisation layers' state (train_norms)
 

@@ -16,7 +16,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from system.objectives import register_objective
+from system.objectives.registry import register_objective
 
 DECODER_DIM = 128
 

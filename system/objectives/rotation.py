@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from system.objectives import PrefixHeads, nested_dims, register_objective, sum_over_prefixes
+from system.objectives.registry import PrefixHeads, nested_dims, register_objective, sum_over_prefixes
 
 
 def rotate_batch(images: torch.Tensor, quarter_turns: torch.Tensor) -> torch.Tensor:

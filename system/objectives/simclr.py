@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from system.metrics import alignment, uniformity
-from system.objectives import PrefixHeads, nested_dims, register_objective, sum_over_prefixes
+from system.objectives.registry import PrefixHeads, nested_dims, register_objective, sum_over_prefixes
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -74,10 +74,10 @@ def run_quickstart(
     import pyarrow.parquet as pq
 
     from serve.app import start_app, stop_app
-    from system.data import digits_dataset
-    from system.embed import run_embed
+    from system.data.dataset import digits_dataset
+    from system.embed.batch import run_embed
     from system.index import build_index, evaluate_index
-    from system.models import read_meta
+    from system.models.artifact import read_meta
     from system.ray_env import ensure_ray
     from system.train import run_training
     from tune.sweep import run_sweep

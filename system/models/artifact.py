@@ -5,7 +5,7 @@ and kwargs, embedding dim, Matryoshka dims, preprocessing, whether embeddings ar
 L2-normalised, training config, metrics, the class names of an optional linear head,
 and a fingerprint (hash of the weights file) that later stages check against.
 
-    python -c "from system.models import load_artifact; m, meta = load_artifact('runs/x/model')"
+    python -c "from system.models.artifact import load_artifact; m, meta = load_artifact('runs/x/model')"
 """
 
 from __future__ import annotations

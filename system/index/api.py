@@ -1,4 +1,4 @@
-"""FAISS index over an embeddings dataset: open, search, update, evaluate (build: system/index_build.py).
+"""FAISS index over an embeddings dataset: open, search, update, evaluate (build: system/index/build.py).
 
     repforge index build --embeddings runs/emb --out runs/index                # auto recipe, tuned
     repforge index build --embeddings runs/emb --out runs/index --factory IVF256,Flat --shards 4
@@ -41,7 +41,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from system import storage
-from system.index_recipes import (
+from system.index.files import INDEX_FILE, MANIFEST_FILE, combine_shards, id_files, load_idmap, read_shards
+from system.index.recipes import (
     IndexInputError,
     as_matrix,
     choose_factory,
@@ -51,12 +52,11 @@ from system.index_recipes import (
     shard_of,
     unique_ids,
 )
-from system.index_tune import pick_point, set_search_params
+from system.index.tune import pick_point, set_search_params
 
 __all__ = [
     "IndexInputError",
     "VectorIndex",
-    "build_index",
     "check_fingerprint",
     "choose_factory",
     "evaluate_index",
@@ -64,45 +64,11 @@ __all__ = [
     "open_index",
 ]
 
-INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.parquet", "manifest.json"
-
-
-def id_files(num_shards: int) -> list[str]:
-    """The id map files of an index with `num_shards` shards, in shard order."""
-    return [IDS_FILE] if num_shards == 1 else [f"ids-{s:05d}.parquet" for s in range(num_shards)]
-
-
-def read_shards(folder, manifest: dict) -> list[faiss.Index]:
-    """The FAISS shard indexes of an index folder (no id map)."""
-    # On-disk lists are found beside the index file wherever the folder has moved to.
-    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if manifest.get("on_disk") else 0
-    return [faiss.read_index(str(Path(folder) / f), flags) for f in manifest.get("files", [INDEX_FILE])]
-
-
-def load_idmap(folder, manifest: dict) -> tuple[pa.Table, np.ndarray | None]:
-    """(id map sorted by faiss_id, shard of each row or None when the layout does not say)."""
-    names = manifest.get("id_files", [IDS_FILE])
-    if len(names) == 1:
-        return pq.read_table(Path(folder) / names[0]), None
-    parts = [pq.read_table(Path(folder) / name) for name in names]
-    idmap = pa.concat_tables(parts, promote_options="default")
-    shard = np.repeat(np.arange(len(parts), dtype=np.int32), [len(p) for p in parts])
-    # Each shard's rows are in label order; labels interleave across shards.
-    order = np.argsort(idmap.column("faiss_id").to_numpy(), kind="stable")
-    return idmap.take(order), shard[order]
-
 
 def _check_k(k) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise IndexInputError(f"k must be a positive integer, got {k!r}")
     return int(k)
-
-
-def build_index(embeddings_uri: str, out_uri: str, *args, **kwargs) -> dict:
-    """See system.index_build.build_index (imported lazily: it imports VectorIndex from here)."""
-    from system.index_build import build_index as build
-
-    return build(embeddings_uri, out_uri, *args, **kwargs)
 
 
 def open_index(uri: str, target_recall: float | None = None) -> VectorIndex:
@@ -119,15 +85,6 @@ def check_fingerprint(index: VectorIndex, fingerprint: str | None) -> None:
         raise IndexInputError(
             f"vectors come from model {fingerprint} but the index was built from model {index.fingerprint}"
         )
-
-
-def combine_shards(dim: int, shards: list) -> faiss.Index:
-    if len(shards) == 1:
-        return shards[0]
-    combined = faiss.IndexShards(dim, True, False)  # threaded; labels kept as each shard stores them
-    for shard in shards:
-        combined.add_shard(shard)
-    return combined
 
 
 class VectorIndex:

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from system import storage
-from system.transforms import decode_threads, eval_transform, images_to_tensor
+from system.data.transforms import decode_threads, eval_transform, images_to_tensor
 
 
 class EmbedError(ValueError):
@@ -93,7 +93,7 @@ class EmbedActor:
     """Ray Data actor: loads the model once, embeds batches of rows."""
 
     def __init__(self, model_uri: str, classes: list[str]):
-        from system.models import load_artifact
+        from system.models.artifact import load_artifact
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.meta = load_artifact(model_uri, self.device)
@@ -175,8 +175,8 @@ def run_embed(
     """
     import ray
 
-    from system.data import check_dataset
-    from system.models import read_meta
+    from system.data.dataset import check_dataset
+    from system.models.artifact import read_meta
     from system.ray_env import ensure_ray
 
     model_uri, data_uri, out_uri = (storage.normalize(u) for u in (model_uri, data_uri, out_uri))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from system.data import decode_image
+from system.data.dataset import decode_image
 
 if TYPE_CHECKING:
     import torch

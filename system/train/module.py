@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from system.adapters import get_adapter
+from system.adapters.registry import get_adapter
 from system.config import JobConfig
-from system.models import create_backbone, load_backbone_weights
-from system.objectives import get_objective
+from system.models.artifact import create_backbone, load_backbone_weights
+from system.objectives.registry import get_objective
 
 
 class TrainModule(nn.Module):

@@ -1,6 +1,6 @@
 """Index recipes: which FAISS index fits a vector count, dimension and memory budget, and how to make it.
 
-    python -c "from system.index_recipes import choose_factory; print(choose_factory('auto', 10**9, 512))"
+    python -c "from system.index.recipes import choose_factory; print(choose_factory('auto', 10**9, 512))"
 
 A recipe is a plain function `(count, dim) -> (factory string, RAM bytes per vector)`
 registered with `@recipe(name, max_count)`, tried in registration order: the first whose

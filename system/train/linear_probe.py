@@ -30,6 +30,7 @@ import torch
 from system import storage
 from system.config import JobConfig
 from system.metrics import knn_accuracy, rankme, uniformity
+from system.train.evaluate import confusion_counts
 
 
 class RidgeStats:
@@ -79,8 +80,7 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, num_classes: i
     """val_acc, val_top5 and the confusion matrix (rows: true class), as the SGD path reports them."""
     predicted = logits.argmax(-1)
     top5 = np.argsort(-logits, axis=-1)[:, : min(5, num_classes)]
-    pairs = labels * num_classes + predicted
-    confusion = np.bincount(pairs, minlength=num_classes**2).reshape(num_classes, num_classes)
+    confusion = confusion_counts(labels, predicted, num_classes)
     return {
         "val_acc": float((predicted == labels).mean()),
         "val_top5": float((top5 == labels[:, None]).any(-1).mean()),
@@ -99,7 +99,7 @@ class FeatureActor:
     def __init__(self, timm_name: str, timm_kwargs: dict, state_ref: list, pre: dict):
         import ray
 
-        from system.models import create_backbone
+        from system.models.artifact import create_backbone
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.backbone = create_backbone(timm_name, timm_kwargs)
@@ -110,7 +110,7 @@ class FeatureActor:
 
     @torch.inference_mode()
     def __call__(self, batch: dict) -> dict:
-        from system.transforms import preprocess_batch
+        from system.data.transforms import preprocess_batch
 
         images = torch.from_numpy(preprocess_batch(batch, self.pre, keep=())["image"]).to(self.device)
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
@@ -192,15 +192,11 @@ def run_linear_probe(cfg: JobConfig, plan: dict) -> dict[str, str]:
     """Fit and publish the closed-form linear head (cfg validated and made absolute by train.py)."""
     import ray.train
 
-    from system.adapters import parameter_report
-    from system.data import read_dataset
-    from system.train import (
-        MAX_CONFUSION_CLASSES,
-        export_artifacts,
-        per_class_report,
-        publish_result,
-    )
-    from system.train_module import build_model
+    from system.adapters.registry import parameter_report
+    from system.data.dataset import read_dataset
+    from system.train.evaluate import MAX_CONFUSION_CLASSES, per_class_report
+    from system.train.export import export_artifacts, publish_result
+    from system.train.module import build_model
 
     classes, meta, run_name = plan["classes"], plan["meta"], plan["run_name"]
     num_classes = len(classes)

@@ -51,9 +51,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from system import storage
-from system.embed import EmbedError
-from system.index import IDS_FILE, MANIFEST_FILE, combine_shards, id_files, read_shards
-from system.index_recipes import (
+from system.embed.batch import EmbedError
+from system.index.files import IDS_FILE, MANIFEST_FILE, combine_shards, id_files, read_shards
+from system.index.recipes import (
     METRICS,
     IndexInputError,
     as_matrix,
@@ -66,7 +66,7 @@ from system.index_recipes import (
     shard_of,
     unique_ids,
 )
-from system.index_tune import (
+from system.index.tune import (
     TUNE_K,
     TUNE_QUERIES,
     exact_heap,
