@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 import torch
 
 from system import storage
-from system.data.transforms import decode_threads, eval_transform, images_to_tensor
+from system.data.device_decode import images_to_device
+from system.data.transforms import decode_threads, eval_transform
 
 
 class EmbedError(ValueError):
@@ -80,11 +81,14 @@ def read_embeddings(
 
 @torch.inference_mode()
 def embed_images(
-    model, pre: dict | None, images: list[bytes], device: str = "cpu", transform=None
+    model, pre: dict | None, images: list[bytes], device: str = "cpu", transform=None, gpu_decode=None
 ) -> np.ndarray:
-    """In-process embedding of encoded images (bf16 autocast on a GPU): the Ray Data actors' path."""
+    """In-process embedding of encoded images (bf16 autocast on a GPU): the Ray Data actors' path.
+
+    JPEGs decode on the GPU when the model runs on one (`gpu_decode` None), or where
+    `gpu_decode` says (system/data/device_decode.py); other rows on the CPU, by PIL."""
     transform = transform or eval_transform(pre)
-    batch = torch.from_numpy(images_to_tensor(images, transform, decode_threads())).to(device)
+    batch = images_to_device(images, transform, device, decode_threads(), gpu_decode)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
         return model.embed(batch).float().cpu().numpy()
 
@@ -97,6 +101,8 @@ class EmbedActor:
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.meta = load_artifact(model_uri, self.device)
+        if self.device == "cuda":  # x1.4 on resnet50's bf16 forward (benchmarks/RESULTS.md)
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.transform = eval_transform(self.meta["preprocessing"])
         self.metadata = embeddings_metadata(self.meta, classes)
 
@@ -202,8 +208,9 @@ def run_embed(
         if gpus:
             # Two actors share each GPU, so one decodes while the other runs the model, and
             # each reserves half of its GPU node's CPUs per GPU (one left for reading):
-            # decoding runs on that many threads. With 1 CPU per actor, a GPU that embeds
-            # 12,700 img/s waits on a 200 img/s JPEG decoder (benchmarks/bench_gpu.py).
+            # JPEGs decode on the GPU (nvJPEG), the other rows (PNG, WebP...) on that many
+            # threads. Decoding every row on one CPU, a GPU that embeds 12,700 img/s waited on
+            # a 200 img/s JPEG decoder (benchmarks/bench_gpu.py).
             actor_gpus, actor_cpus = 0.5, max(1, (gpu_node_cpus_per_gpu() - 1) // 2)
             concurrency = concurrency or 2 * gpus
         else:
