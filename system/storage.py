@@ -56,18 +56,35 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def write_text(uri: str, text: str) -> None:
-    """A small file (a record, a CSV) written in one piece, on any filesystem."""
+def write_bytes(uri: str, data: bytes) -> None:
+    """A small file (a record, a CSV, a PNG) written in one piece, on any filesystem."""
     fs, path = filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as out:
-        out.write(text.encode())
+        out.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode())
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
 
 
 def read_text(uri: str) -> str:
-    fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as stream:
-        return stream.read().decode()
+    return read_bytes(uri).decode()
+
+
+def parquet_rows(file_uri: str) -> int:
+    """Rows of one Parquet file, from its footer alone, on any filesystem."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(file_uri)
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 def _parquet_file_infos(uri: str) -> list[pafs.FileInfo]:

@@ -366,9 +366,7 @@ def write_pareto(rows: list[dict], cfg: JobConfig, sweep_uri: str) -> list[dict]
     storage.write_text(storage.join(sweep_uri, "pareto.csv"), to_csv(front))
     with tempfile.TemporaryDirectory() as tmp:
         pareto_png(rows, front, cfg.sweep.metric, f"{tmp}/pareto.png")
-        fs, path = storage.filesystem(storage.join(sweep_uri, "pareto.png"))
-        with open(f"{tmp}/pareto.png", "rb") as src, fs.open_output_stream(path) as out:
-            out.write(src.read())
+        storage.write_bytes(storage.join(sweep_uri, "pareto.png"), Path(f"{tmp}/pareto.png").read_bytes())
     print(f"[sweep] Pareto front ({cfg.sweep.metric} vs trainable params): {len(front)} trials", flush=True)
     return front
 

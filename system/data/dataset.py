@@ -343,7 +343,7 @@ def training_columns(uri: str) -> list[str]:
 
 
 def count_rows(uri: str, limit: int | None = None) -> int:
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in storage.parquet_files(uri))
+    rows = sum(storage.parquet_rows(f) for f in storage.parquet_files(uri))
     return min(rows, limit) if limit else rows
 
 

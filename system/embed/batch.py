@@ -138,8 +138,7 @@ def _partial_dir(out_uri: str) -> Path:
 def _file_rows(files: list[str], limit: int | None) -> list[int]:
     rows, left = [], limit if limit else float("inf")
     for path in files:
-        fs, local = storage.filesystem(path)
-        n = int(min(pq.ParquetFile(fs.open_input_file(local)).metadata.num_rows, left))
+        n = int(min(storage.parquet_rows(path), left))
         rows.append(n)
         left -= n
     return rows

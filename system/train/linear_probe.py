@@ -270,10 +270,8 @@ def run_linear_probe(cfg: JobConfig, plan: dict) -> dict[str, str]:
             SimpleNamespace(checkpoint=ray.train.Checkpoint.from_directory(tmp)), cfg, "finetune", run_name
         )
     run_uri = storage.join(storage.normalize(cfg.run.storage), run_name)
-    fs, path = storage.filesystem(storage.join(run_uri, "metrics.jsonl"))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write((json.dumps({"time": time.time(), **metrics}, default=float) + "\n").encode())
+    record = json.dumps({"time": time.time(), **metrics}, default=float) + "\n"
+    storage.write_text(storage.join(run_uri, "metrics.jsonl"), record)
     summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     print(
         "[finetune] closed-form linear done: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items()),

@@ -101,9 +101,7 @@ def show_run(run: str, storage_root: str = "runs") -> str:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "curves.png"
         plot_curves(rows, local)
-        fs, path = storage.filesystem(png_uri)
-        with fs.open_output_stream(path) as out:
-            out.write(local.read_bytes())
+        storage.write_bytes(png_uri, local.read_bytes())
     return png_uri
 
 
@@ -139,7 +137,5 @@ def write_confusion_png(run_uri: str, meta: dict) -> str | None:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "confusion.png"
         plot_confusion(meta["confusion"], meta.get("classes") or [], local)
-        fs, path = storage.filesystem(png_uri)
-        with fs.open_output_stream(path) as out:
-            out.write(local.read_bytes())
+        storage.write_bytes(png_uri, local.read_bytes())
     return png_uri
