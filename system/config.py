@@ -207,9 +207,12 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="linear warmup steps before cosine decay")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="data parallelism: ddp | fsdp (FSDP2)")
     activation_checkpointing: bool = Field(False, description="fsdp: recompute block activations")
-    compile: bool = Field(False, description="torch.compile each block (GPU)")
     cpu_offload: bool = Field(False, description="fsdp: keep parameters and optimizer state on the CPU")
     use_gpu: bool | None = Field(None, description="one GPU per worker; none = when the cluster has GPUs")
+    compile: bool | None = Field(None, description="torch.compile each block; none = on GPUs, off on CPUs")
+    gpu_decode: bool = Field(
+        False, description="decode JPEGs and augment on the worker's GPU (nvJPEG), not in CPU tasks"
+    )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
     log_every: int = Field(10, ge=1, description="report metrics every N steps")
     eval_every: int = Field(0, ge=0, description="evaluate and report every N steps (0 = at the end only)")
@@ -221,6 +224,14 @@ class TrainConfig(Section):
         description="keep the keep_last checkpoints best by this metric (loss: lowest; the others: "
         "highest) instead of the newest; the newest is kept too, to resume from",
     )
+
+    @field_validator("compile", "gpu_decode")
+    @classmethod
+    def _gpu_only(cls, value, info):
+        # Both need CUDA; a CPU run (the job's own Ray instance without GPUs) is refused at plan time.
+        if value and info.data.get("use_gpu") is False:
+            raise ValueError("needs GPU workers, and train.use_gpu is false")
+        return value
 
     @model_validator(mode="after")
     def _length_given(self):
@@ -351,6 +362,13 @@ def _one_line(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     return f"{key}: {msg}"
+
+
+def check_gpu_options(train: TrainConfig, use_gpu: bool) -> None:
+    """train.compile / train.gpu_decode set on a run whose workers get no GPU: one line."""
+    for key in ("compile", "gpu_decode"):
+        if getattr(train, key) and not use_gpu:
+            raise ConfigError(f"train.{key}: needs GPU workers, and this cluster has no GPUs")
 
 
 def build_config(tree: dict | None) -> JobConfig:

@@ -169,3 +169,50 @@ def test_a_transform_other_than_timms_eval_keeps_every_row_on_pil():
     images = [JPEGS["small 40x56"], OTHERS["png"]]
     got = images_to_device(images, odd, "cpu", gpu_decode=True)
     np.testing.assert_array_equal(got.numpy(), images_to_tensor(images, odd))
+
+
+@pytest.mark.parametrize("pre", [SMALL, {**SMALL, "size": 64}], ids=["32px", "64px with blur"])
+def test_training_batches_on_the_device_match_the_cpu_tasks(pre):
+    """train.gpu_decode: eval batches as preprocess_batch makes them; SSL views seeded alike."""
+    from system.data.device_decode import device_batch
+    from system.data.transforms import preprocess_batch
+
+    names = ["square 320", "png", "small 40x56", "grayscale jpeg", "webp", "progressive"]
+    batch = {
+        "image": [{**JPEGS, **OTHERS}[name] for name in names],
+        "label": np.arange(len(names)),
+        "id": [f"row-{i}" for i in range(len(names))],
+    }
+    got = device_batch(batch, pre, "eval", True, None, "cpu")
+    expected = preprocess_batch(batch, pre, "eval")
+    assert grey_levels(got["image"].numpy(), expected["image"], pre).max() <= 2.5
+    assert got["label"].tolist() == list(range(len(names)))
+    views = device_batch(batch, pre, "ssl", True, 7, "cpu")
+    assert views["view1"].shape == (len(names), 3, pre["size"], pre["size"])
+    assert not torch.equal(views["view1"], views["view2"])
+    again = device_batch(batch, pre, "ssl", True, 7, "cpu")
+    assert torch.equal(views["view1"], again["view1"]) and torch.equal(views["view2"], again["view2"])
+    other_seed = device_batch(batch, pre, "ssl", True, 8, "cpu")
+    assert not torch.equal(views["view1"], other_seed["view1"])
+    # Normalised as the CPU views are: roughly zero-mean, unit-range pixels.
+    assert views["view1"].abs().max() <= 1 / min(pre["std"]) + 1e-4
+
+
+def test_compile_and_gpu_decode_are_refused_in_one_line_where_they_cannot_apply():
+    from system.config import ConfigError, build_config, check_gpu_options
+
+    assert build_config({}).train.compile is None  # unset: on for GPU workers, off on CPUs
+    assert build_config({}).train.gpu_decode is False
+    for key in ("compile", "gpu_decode"):
+        with pytest.raises(ConfigError, match=rf"^train\.{key}: .*use_gpu is false$"):
+            build_config({"train": {"use_gpu": False, key: True}})
+        with pytest.raises(ConfigError, match=rf"^train\.{key}: "):
+            build_config({"train": {key: "sometimes"}})
+        cfg = build_config({"train": {key: True}})  # use_gpu unset: decided by the cluster
+        with pytest.raises(
+            ConfigError, match=rf"^train\.{key}: needs GPU workers, and this cluster has no GPUs$"
+        ):
+            check_gpu_options(cfg.train, use_gpu=False)
+        check_gpu_options(cfg.train, use_gpu=True)
+    check_gpu_options(build_config({"train": {"compile": False}}).train, use_gpu=False)
+    check_gpu_options(build_config({}).train, use_gpu=False)  # the defaults run on CPUs

@@ -234,3 +234,71 @@ def images_to_device(
         return parts[0][1]
     order = np.argsort(np.concatenate([rows for rows, _ in parts]))
     return torch.cat([batch for _, batch in parts])[torch.as_tensor(order, device=device)]
+
+
+def decode_to_uint8(images: list[bytes], device) -> list[torch.Tensor]:
+    """Each image as uint8 [3, H, W] on `device`: JPEGs decoded there, the other rows by PIL."""
+    import torch
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from system.data.dataset import decode_image
+
+    device = torch.device(device)
+    on_device = [i for i, data in enumerate(images) if device_decodable(data)]
+    out: list[torch.Tensor | None] = [None] * len(images)
+    for i, image in zip(on_device, decode_jpegs([images[i] for i in on_device], device)):
+        out[i] = image
+    for i, image in enumerate(out):
+        if image is None:  # PIL's error for a corrupt row, as on the CPU path
+            out[i] = pil_to_tensor(decode_image(images[i])).to(device, non_blocking=True)
+    return out
+
+
+def device_batch(batch: dict, pre: dict, mode: str, hflip: bool, seed: int | None, device) -> dict:
+    """`preprocess_batch` on the device, for `train.gpu_decode`: the batch's encoded `image` rows
+    -> `image` (eval) or `view1`/`view2` (SSL views, torchvision v2 ops on the device's uint8
+    images), `label` as a tensor there. Seeded as `preprocess_batch` seeds its views."""
+    import zlib
+
+    import torch
+
+    from system.data.transforms import _cached_transform
+
+    out = {}
+    if "label" in batch:
+        out["label"] = torch.as_tensor(np.asarray(batch["label"])).to(device, non_blocking=True)
+    images = list(batch["image"])
+    if mode != "ssl":
+        transform = _cached_transform(_json(pre), "eval", hflip)
+        out["image"] = images_to_device(images, transform, device, gpu_decode=True)
+        return out
+    transform = _cached_transform(_json(pre), "ssl", hflip)
+    decoded = decode_to_uint8(images, device)
+    with torch.random.fork_rng(devices=[]):  # v2 draws its parameters from the CPU generator
+        if seed is not None:
+            rows = batch["id"] if "id" in batch else images
+            torch.manual_seed(zlib.crc32("\n".join(map(str, rows)).encode(), seed))
+        out["view1"] = torch.stack([transform(image) for image in decoded])
+        out["view2"] = torch.stack([transform(image) for image in decoded])
+    return out
+
+
+def _json(pre: dict) -> str:
+    import json
+
+    return json.dumps(pre, sort_keys=True)
+
+
+def device_collate(pre: dict, mode: str, hflip: bool, seed: int | None, device):
+    """For `iter_torch_batches(collate_fn=...)` in a training worker (`train.gpu_decode`): Arrow
+    batches of encoded rows -> `device_batch`'s tensors on `device`."""
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    class DeviceCollate(ArrowBatchCollateFn):
+        def __call__(self, table) -> dict:
+            batch = {name: table.column(name).to_pylist() for name in table.column_names if name != "label"}
+            if "label" in table.column_names:
+                batch["label"] = table.column("label").to_numpy()
+            return device_batch(batch, pre, mode, hflip, seed, device)
+
+    return DeviceCollate()

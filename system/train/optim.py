@@ -31,7 +31,9 @@ def build_optimizer(module: nn.Module, train_cfg, head_scale: float = 1.0) -> to
     """`train.optimizer`: adamw | sgd | lars, over the trainable parameters of `module`."""
     groups = parameter_groups(module, train_cfg.lr, train_cfg.weight_decay, "objective.", head_scale)
     if train_cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups)
+        # One fused kernel for all parameters on GPUs (torchtitan's default), not a loop of them.
+        on_gpu = all(p.is_cuda for group in groups for p in group["params"])
+        return torch.optim.AdamW(groups, fused=on_gpu and bool(groups))
     if train_cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=train_cfg.momentum, nesterov=train_cfg.momentum > 0)
     from timm.optim import Lars

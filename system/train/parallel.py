@@ -57,9 +57,7 @@ def apply_fsdp(module: nn.Module, train_cfg, device: torch.device, bf16: bool | 
     if train_cfg.activation_checkpointing:
         timm_model(backbone).set_grad_checkpointing(True)  # timm recomputes each block in backward
     blocks = residual_blocks(backbone)
-    if train_cfg.compile and device.type == "cuda":
-        for block in blocks:
-            block.compile()  # in place: parameter names (and checkpoints) stay the same
+    compile_blocks(module, train_cfg, device)
     options = {"mesh": mesh}
     if train_cfg.cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
@@ -78,6 +76,20 @@ def apply_fsdp(module: nn.Module, train_cfg, device: torch.device, bf16: bool | 
     return module
 
 
+def compile_blocks(module: nn.Module, train_cfg, device: torch.device) -> None:
+    """train.compile (unset: on CUDA): torch.compile each residual block in place, so parameter
+    names (and checkpoints) stay the same; the whole backbone when it has no such blocks."""
+    wanted = device.type == "cuda" if train_cfg.compile is None else train_cfg.compile
+    if not wanted or device.type != "cuda":  # a CPU run with it set is refused at plan time
+        return
+    try:
+        blocks = residual_blocks(module.backbone)
+    except ValueError:
+        blocks = [module.backbone]
+    for block in blocks:
+        block.compile()
+
+
 def parallelize(module: nn.Module, train_cfg, device: torch.device) -> nn.Module:
     """DDP through Ray Train (`prepare_model`), or FSDP2; a single process runs unwrapped
     (outside Ray Train too: a sweep's in-process trial has no process group)."""
@@ -87,6 +99,7 @@ def parallelize(module: nn.Module, train_cfg, device: torch.device) -> nn.Module
         return module.to(device)
     if train_cfg.strategy == "fsdp":
         return apply_fsdp(module.to(device), train_cfg, device)
+    compile_blocks(module, train_cfg, device)
     return ray.train.torch.prepare_model(module)
 
 

@@ -18,7 +18,7 @@ import ray.train
 import ray.train.torch
 
 from system import storage
-from system.config import JobConfig
+from system.config import JobConfig, check_gpu_options
 from system.ray_env import ensure_ray, omp_env
 from system.train import run_record
 from system.train.callbacks import MetricsLogger
@@ -77,6 +77,7 @@ def build_trainer(cfg: JobConfig, job: str, plan: dict, callbacks=(), start_from
     from ray.train.torch import TorchTrainer
 
     use_gpu = uses_gpu(cfg)
+    check_gpu_options(cfg.train, use_gpu)  # train.compile / gpu_decode on CPU workers: one line
     check_fits_cluster(cfg, job, use_gpu)
     datasets = input_datasets(cfg, job, plan["meta"]["preprocessing"])
     # The controller polls its workers every 2 s by default, so each report, and the end of
