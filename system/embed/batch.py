@@ -101,8 +101,6 @@ class EmbedActor:
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.meta = load_artifact(model_uri, self.device)
-        if self.device == "cuda":  # x1.4 on resnet50's bf16 forward (benchmarks/RESULTS.md)
-            self.model = self.model.to(memory_format=torch.channels_last)
         self.transform = eval_transform(self.meta["preprocessing"])
         self.metadata = embeddings_metadata(self.meta, classes)
 
