@@ -7,11 +7,13 @@ peft's LoraConfig(use_dora=True); everything else (targets, ranks, save, merge) 
 
 from __future__ import annotations
 
-from system.adapters.peft_common import load_peft, lora_config, merge_peft, save_peft
+from system.adapters.peft_common import LoraOptions, load_peft, lora_config, merge_peft, save_peft
 from system.adapters.registry import register_adapter
 
 
-@register_adapter("dora", export=merge_peft, save_adapter=save_peft, load_adapter=load_peft)
+@register_adapter(
+    "dora", export=merge_peft, save_adapter=save_peft, load_adapter=load_peft, options=LoraOptions
+)
 def apply_dora(backbone, cfg):
     from peft import get_peft_model
 

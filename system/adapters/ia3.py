@@ -14,12 +14,14 @@ from __future__ import annotations
 import re
 
 from system.adapters.peft_common import load_peft, merge_peft, save_peft
-from system.adapters.registry import register_adapter, target_modules
+from system.adapters.registry import TargetOptions, register_adapter, target_modules
 
 FEEDFORWARD = r".*\.fc2$"  # scaled on the input side: the MLP's hidden activations
 
 
-@register_adapter("ia3", export=merge_peft, save_adapter=save_peft, load_adapter=load_peft)
+@register_adapter(
+    "ia3", export=merge_peft, save_adapter=save_peft, load_adapter=load_peft, options=TargetOptions
+)
 def apply_ia3(backbone, cfg):
     from peft import IA3Config, get_peft_model
 

@@ -9,11 +9,13 @@ kernel is flattened, as LoRA does). Ranks, targets, save and merge are LoRA's.
 
 from __future__ import annotations
 
-from system.adapters.peft_common import load_peft, merge_peft, rank_options, save_peft
+from system.adapters.peft_common import LoraOptions, load_peft, merge_peft, rank_options, save_peft
 from system.adapters.registry import register_adapter
 
 
-@register_adapter("loha", export=merge_peft, save_adapter=save_peft, load_adapter=load_peft)
+@register_adapter(
+    "loha", export=merge_peft, save_adapter=save_peft, load_adapter=load_peft, options=LoraOptions
+)
 def apply_loha(backbone, cfg):
     from peft import LoHaConfig, get_peft_model
 

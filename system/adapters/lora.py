@@ -9,11 +9,13 @@ back into plain weights for serving. The rank options are peft_common's.
 
 from __future__ import annotations
 
-from system.adapters.peft_common import load_peft, lora_config, merge_peft, save_peft
+from system.adapters.peft_common import LoraOptions, load_peft, lora_config, merge_peft, save_peft
 from system.adapters.registry import register_adapter
 
 
-@register_adapter("lora", export=merge_peft, save_adapter=save_peft, load_adapter=load_peft)
+@register_adapter(
+    "lora", export=merge_peft, save_adapter=save_peft, load_adapter=load_peft, options=LoraOptions
+)
 def apply_lora(backbone, cfg):
     from peft import get_peft_model
 

@@ -9,9 +9,20 @@ from __future__ import annotations
 
 import re
 
+from pydantic import Field
 from torch import nn
 
-from system.adapters.registry import pattern_rank, scaled, target_modules
+from system.adapters.registry import RankOptions, pattern_rank, scaled, target_modules
+from system.options import PERTURBABLE
+
+
+class LoraOptions(RankOptions):
+    """LoRA's options beyond the rank: lora, dora, pissa and loha read them."""
+
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; none = 2 x rank")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="LoRA dropout (loha: rank dropout)", json_schema_extra=PERTURBABLE
+    )
 
 
 def module_ranks(backbone: nn.Module, cfg, linear_only: bool = False) -> dict[str, int]:

@@ -17,7 +17,7 @@ import tempfile
 
 from torch import nn
 
-from system.adapters.peft_common import load_peft, lora_config, merge_peft
+from system.adapters.peft_common import LoraOptions, load_peft, lora_config, merge_peft
 from system.adapters.registry import register_adapter, target_modules
 
 
@@ -25,7 +25,9 @@ def save_pissa(backbone, folder):
     backbone.save_pretrained(str(folder), path_initial_model_for_weight_conversion=backbone.pissa_initial)
 
 
-@register_adapter("pissa", export=merge_peft, save_adapter=save_pissa, load_adapter=load_peft)
+@register_adapter(
+    "pissa", export=merge_peft, save_adapter=save_pissa, load_adapter=load_peft, options=LoraOptions
+)
 def apply_pissa(backbone, cfg):
     from peft import get_peft_model
 

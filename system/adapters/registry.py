@@ -5,8 +5,11 @@ train (and may wrap the backbone, as peft does), plus `export(backbone) -> backb
 returning a plain timm backbone with the adaptation merged in, `save_adapter(backbone,
 folder)` writing the small adapter-only artifact, and `load_adapter(backbone, folder) ->
 backbone` putting a saved adapter back onto the plain base backbone it was trained from.
-Adding one: a new file with `@register_adapter("name", ...)`, one import line below, one
-row in tests/test_adapters.py.
+Its options (a system.options.Options model, which config.py makes `finetune.<option>` keys)
+are passed to the decorator too; the options several methods read are declared here, beside
+the helpers that read them (TargetOptions, RankOptions), and in peft_common.py (LoraOptions).
+Adding one: a new file with `@register_adapter("name", ..., options=...)`, its name in the
+import line of system/adapters/__init__.py, one row in tests/test_adapters.py.
 
     python -c "from system.adapters.registry import ADAPTERS; print(sorted(ADAPTERS))"
 """
@@ -18,7 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field, field_validator
 from torch import nn
+
+from system.options import Options
 
 ADAPTERS: dict[str, AdapterMethod] = {}
 
@@ -37,18 +43,68 @@ class AdapterMethod:
     export: Callable
     save_adapter: Callable | None = None
     load_adapter: Callable | None = None
+    options: type | None = None
 
 
 def register_adapter(
-    name: str, export: Callable, save_adapter: Callable | None = None, load_adapter: Callable | None = None
+    name: str,
+    export: Callable,
+    save_adapter: Callable | None = None,
+    load_adapter: Callable | None = None,
+    options: type | None = None,
 ):
     def add(apply):
         if name in ADAPTERS:
             raise ValueError(f"adapter method {name!r} registered twice")
-        ADAPTERS[name] = AdapterMethod(name, apply, export, save_adapter, load_adapter)
+        ADAPTERS[name] = AdapterMethod(name, apply, export, save_adapter, load_adapter, options)
         return apply
 
     return add
+
+
+def _regex(pattern: str | None) -> str | None:
+    """`pattern` when it is a valid regular expression; else one line naming the fault."""
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{pattern!r} is not a valid regular expression ({err})") from None
+    return pattern
+
+
+class TargetOptions(Options):
+    """Which layers a method adapts (read by target_modules)."""
+
+    target_modules: str | None = Field(
+        None, description="regex of module names to adapt; none = the model family's default"
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _target_modules_compiles(cls, value):
+        return _regex(value)
+
+
+class RankOptions(TargetOptions):
+    """The rank of each adapted layer (read by pattern_rank and scaled)."""
+
+    rank: int = Field(8, ge=1, le=1024, description="adapter rank (svfit: when energy is none)")
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="per-module ranks by module-name regex, overriding `rank`"
+    )
+    rank_scale: float = Field(
+        1.0,
+        gt=0,
+        le=64,
+        description="global rank budget: multiplies every rank (rank, rank_pattern, svfit's energy ranks)",
+    )
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _rank_pattern_compiles(cls, value):
+        for pattern in value:
+            _regex(pattern)
+        return value
 
 
 def get_adapter(name: str) -> AdapterMethod:

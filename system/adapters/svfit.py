@@ -31,6 +31,7 @@ import json
 from pathlib import Path
 
 import torch
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
@@ -39,13 +40,29 @@ from system.adapters.norm import load_norm_state, norm_layers, norm_state, unfre
 from system.adapters.registry import (
     ADAPTER_JSON,
     ADAPTER_WEIGHTS,
+    RankOptions,
     pattern_rank,
     register_adapter,
     scaled,
     target_modules,
 )
+from system.options import EXCLUSIVE
 
 NORMS_PREFIX = "norms."  # adapter keys of the normalisation layers' state (train_norms)
+
+
+class SvfitOptions(RankOptions):
+    energy: float | None = Field(
+        0.99, gt=0, le=1, description="keep the fewest singular values holding this energy share"
+    )
+    # Exclusive: `norm` trains the norms alone, `full` already trains them, and the peft methods
+    # would not save them, so anywhere else it would be silently ignored.
+    train_norms: bool = Field(
+        False,
+        description="also train the normalisation layers' affine weights (as `norm` does; a few "
+        "thousand parameters more)",
+        json_schema_extra=EXCLUSIVE,
+    )
 
 
 class SingularValues(nn.Module):
@@ -149,7 +166,9 @@ def load_svfit(backbone, folder):
     return backbone
 
 
-@register_adapter("svfit", export=merge_svfit, save_adapter=save_svfit, load_adapter=load_svfit)
+@register_adapter(
+    "svfit", export=merge_svfit, save_adapter=save_svfit, load_adapter=load_svfit, options=SvfitOptions
+)
 def apply_svfit(backbone, cfg):
     backbone = attach(backbone, svfit_ranks(backbone, cfg))
     if cfg.train_norms:

@@ -11,17 +11,24 @@ pixels (the paper's best target). Only ViTs: CNNs have no patch tokens to drop.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from timm.layers import trunc_normal_
-from timm.models.vision_transformer import Block, VisionTransformer
+from pydantic import Field
 from torch import nn
 
 from system.objectives.registry import register_objective
+from system.options import PERTURBABLE, Options
+
+if TYPE_CHECKING:  # timm imported when an MAE is built: system.config imports this file for its options
+    from timm.models.vision_transformer import VisionTransformer
 
 DECODER_DIM = 128
 
 
 def vit_of(backbone: nn.Module) -> VisionTransformer:
+    from timm.models.vision_transformer import VisionTransformer
+
     model = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"objective.name: mae needs a timm VisionTransformer, not {type(model).__name__}")
@@ -44,11 +51,18 @@ def random_keep(batch: int, patches: int, keep: int, device) -> torch.Tensor:
     return torch.rand(batch, patches, device=device).argsort(dim=1)[:, :keep].sort(dim=1).values
 
 
-@register_objective("mae")
-class MAE(nn.Module):
-    views = 1
+class MaeOptions(Options):
+    mask_ratio: float = Field(
+        0.75, gt=0, lt=1, description="share of patches masked", json_schema_extra=PERTURBABLE
+    )
 
+
+@register_objective("mae", options=MaeOptions)
+class MAE(nn.Module):
     def __init__(self, embed_dim: int, cfg, num_classes: int = 0, backbone: nn.Module | None = None):
+        from timm.layers import trunc_normal_
+        from timm.models.vision_transformer import Block
+
         super().__init__()
         vit = vit_of(backbone)
         if cfg.matryoshka_dims:

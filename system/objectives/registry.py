@@ -3,8 +3,12 @@
 An objective is an nn.Module holding its own heads (projection, classifier, decoder),
 built as `cls(embed_dim, objective_cfg, num_classes, backbone=backbone)`; its
 `forward(backbone, batch)` returns the scalar loss for the local batch and a dict of
-extra metrics. Adding one: a new file with `@register_objective("name")`, one import
-line below, one row in tests/test_objectives.py.
+extra metrics. What it needs is declared where it is registered, never special-cased
+elsewhere: its options (a system.options.Options model; config.py makes them
+`objective.<option>` keys), the views a batch carries (1: `image`; 2: `view1`, `view2`,
+augmented) and whether it needs labels (`label`). Adding one: a new file with
+`@register_objective("name", options=..., views=..., labels=...)`, its name in the import
+line of system/objectives/__init__.py, one row in tests/test_objectives.py.
 
     .venv/bin/python -m pytest -q tests/test_objectives.py -k "registry or matryoshka"
 """
@@ -16,12 +20,16 @@ from torch import nn
 OBJECTIVES: dict[str, type] = {}
 
 
-def register_objective(name: str):
+def register_objective(name: str, *, options: type | None = None, views: int = 1, labels: bool = False):
+    """Class decorator: `OBJECTIVES[name] = cls`, with what it declares as class attributes."""
+    if views not in (1, 2):
+        raise ValueError(f"objective {name!r}: views is 1 (image) or 2 (view1, view2), not {views}")
+
     def add(cls):
         if name in OBJECTIVES:
             raise ValueError(f"objective {name!r} registered twice")
         OBJECTIVES[name] = cls
-        cls.name = name
+        cls.name, cls.options, cls.views, cls.labels = name, options, views, labels
         return cls
 
     return add

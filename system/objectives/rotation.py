@@ -23,8 +23,6 @@ def rotate_batch(images: torch.Tensor, quarter_turns: torch.Tensor) -> torch.Ten
 
 @register_objective("rotation")
 class Rotation(nn.Module):
-    views = 1
-
     def __init__(self, embed_dim: int, cfg, num_classes: int = 0, backbone=None):
         super().__init__()
         self.classifiers = PrefixHeads(nested_dims(cfg, embed_dim), lambda d: nn.Linear(d, 4))

@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
 from system.metrics import alignment, uniformity
 from system.objectives.registry import PrefixHeads, nested_dims, register_objective, sum_over_prefixes
+from system.options import PERTURBABLE, Options
+
+
+class SimclrOptions(Options):
+    temperature: float = Field(0.2, gt=0, description="NT-Xent temperature", json_schema_extra=PERTURBABLE)
+    proj_dim: int = Field(128, ge=1, description="projection head output size")
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -48,10 +55,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(logits.masked_fill(self_mask, float("-inf")), positive)
 
 
-@register_objective("simclr")
+@register_objective("simclr", options=SimclrOptions, views=2)
 class SimCLR(nn.Module):
-    views = 2
-
     def __init__(self, embed_dim: int, cfg, num_classes: int = 0, backbone=None):
         super().__init__()
         self.temperature = cfg.temperature

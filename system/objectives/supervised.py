@@ -10,16 +10,26 @@ the exported model artifact.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
 from system.objectives.registry import PrefixHeads, nested_dims, register_objective, sum_over_prefixes
+from system.options import PERTURBABLE, Options
 
 
-@register_objective("supervised")
+class SupervisedOptions(Options):
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="label smoothing of the head's targets (a finetune's too)",
+        json_schema_extra=PERTURBABLE,
+    )
+
+
+@register_objective("supervised", options=SupervisedOptions, labels=True)
 class Supervised(nn.Module):
-    views = 1
-
     def __init__(self, embed_dim: int, cfg, num_classes: int = 0, backbone=None):
         super().__init__()
         if num_classes < 2:
