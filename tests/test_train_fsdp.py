@@ -3,15 +3,17 @@ run whose length a time budget sets.
 
 Real Ray Train (2 gloo workers on the session's local Ray), real timm model, real
 digits. The fault-injection hook (REPFORGE_FAIL_AT_STEP, read by the driver) makes the
-last rank exit hard at that step, once; with max_failures=1 the run must restart from
-its last checkpoint and finish. Resuming a sharded checkpoint on another number of
-workers is tested without Ray (tests/test_parallel.py): a third Ray Train start-up here
-cost a minute of the suite's time budget.
+last rank exit hard at that step, once, leaving its pid and step in the file
+REPFORGE_FAULT_MARKER names; with max_failures=1 the run must restart from its last
+checkpoint (its reports then carry `resumed_from_step`) and finish. Resuming a sharded
+checkpoint on another number of workers is tested without Ray (tests/test_parallel.py):
+a third Ray Train start-up here cost a minute of the suite's time budget.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -47,15 +49,28 @@ def test_fsdp_run_survives_a_killed_worker(ray_local, digits_data, tmp_path, mon
         },
         "run": {"storage": str(tmp_path), "name": "fsdp"},
     }
+    marker = tmp_path / "fault.json"
     monkeypatch.setenv("REPFORGE_FAIL_AT_STEP", "6")
+    monkeypatch.setenv("REPFORGE_FAULT_MARKER", str(marker))
     published = run_training(build_config(tree), "pretrain")
     monkeypatch.delenv("REPFORGE_FAIL_AT_STEP")
+    monkeypatch.delenv("REPFORGE_FAULT_MARKER")
+
+    # The fault happened: the last rank wrote the marker at step 6 and exited, and that
+    # process is gone (os.kill(pid, 0) only checks that it exists).
+    assert marker.is_file(), "no worker was killed: the fault hook never fired"
+    fault = json.loads(marker.read_text())
+    assert (fault["step"], fault["rank"]) == (6, 1), fault
+    with pytest.raises(ProcessLookupError):
+        os.kill(fault["pid"], 0)
 
     lines = read_metrics(tmp_path, "fsdp")
     steps = [line["step"] for line in lines]
-    # Reports at 4 and 8 in the first attempt would be [4, 8, 12]; the crash at step 6
-    # means step 4 was reported, then the restart resumed from it: 4 is not repeated.
+    # The first attempt reported step 4 (with its checkpoint) and died at 6; the restarted
+    # workers loaded that checkpoint, so they report from 8 on, each saying where they resumed.
+    # A run without the crash would report no resumed_from_step at all.
     assert steps == [4, 8, 12], steps
+    assert [line.get("resumed_from_step") for line in lines] == [None, 4, 4], lines
     assert lines[-1]["loss"] < lines[0]["loss"]
     meta = json.loads((tmp_path / "fsdp" / "model" / "model.json").read_text())
     assert meta["metrics"]["step"] == 12 and published["model"] == storage.join(

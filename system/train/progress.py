@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import resource
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -15,6 +17,12 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def mean_loss(losses: list) -> float:
+    """The mean of a window's losses, kept on the device as tensors: one host sync per report,
+    not one per step (a `.item()` each step stalls the GPU's queue)."""
+    return float(torch.stack(losses).float().mean()) if losses else float("nan")
 
 
 class Window:
@@ -27,7 +35,7 @@ class Window:
     def metrics(self, world: int) -> dict:
         elapsed = time.perf_counter() - self.start
         return {
-            "loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+            "loss": mean_loss(self.losses),
             "images_per_s": self.images * world / elapsed,
             "images_per_s_worker": self.images / elapsed,
             "step_time_s": elapsed / max(1, self.steps),
@@ -36,7 +44,8 @@ class Window:
 
 
 def fault_injected(config: dict, step: int, rank: int, world: int, resumed: bool) -> bool:
-    """Test hook: REPFORGE_FAIL_AT_STEP=N on the driver kills the last rank at step N, once.
+    """Test hook: REPFORGE_FAIL_AT_STEP=N on the driver kills the last rank at step N, once
+    (and first writes its pid and step to the file REPFORGE_FAULT_MARKER names, when set).
 
     "Once": only in an attempt that did not start from a checkpoint, so the restarted run
     (which resumes from one) goes past step N.
@@ -46,6 +55,9 @@ def fault_injected(config: dict, step: int, rank: int, world: int, resumed: bool
         # right after a report loses that report and its checkpoint. Wait it out, so the
         # test knows which checkpoint the restart must resume from.
         time.sleep(5)
+        if config.get("fault_marker"):  # REPFORGE_FAULT_MARKER: the test's proof of the crash
+            marker = {"pid": os.getpid(), "step": step, "rank": rank}
+            Path(config["fault_marker"]).write_text(json.dumps(marker))
         return True
     return False
 
