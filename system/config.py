@@ -5,6 +5,11 @@ Ray work starts; a bad key or value raises ConfigError with one line naming the 
 The validated config crosses into Ray workers as a plain dict (`cfg.model_dump()`)
 and is rebuilt there with `JobConfig.model_validate(d)`.
 
+The `objective` and `finetune` sections hold the keys every objective / adapter method
+shares, plus each registered one's own options, declared in its own file
+(system/objectives/<name>.py, system/adapters/<name>.py) and composed here into flat keys
+(system/options.py). So this module imports the registries, and with them torch (not timm).
+
     python -c "from system.config import load_config; print(load_config('configs/quickstart.yaml'))"
 """
 
@@ -12,10 +17,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_origin
+from typing import Any, Literal, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# The registries' package faces: importing them registers every member, whose options become keys.
+from system.adapters import ADAPTERS
+from system.objectives import OBJECTIVES
+from system.options import PERTURBABLE, compose_section, marks, perturbable
 
 
 class ConfigError(ValueError):
@@ -79,12 +89,10 @@ class ModelConfig(Section):
     pretrained: bool = Field(False, description="load timm pretrained weights (downloads; off by default)")
 
 
-class ObjectiveConfig(Section):
-    name: str = Field("simclr", description="training objective: simclr | supervised | rotation | mae")
-    temperature: float = Field(0.2, gt=0, description="NT-Xent temperature (simclr)")
-    proj_dim: int = Field(128, ge=1, description="projection head output size (simclr)")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing (supervised)")
-    mask_ratio: float = Field(0.75, gt=0, lt=1, description="share of patches masked (mae)")
+class ObjectiveBase(Section):
+    """The `objective` keys every objective shares; ObjectiveConfig adds each one's own options."""
+
+    name: str = Field("simclr", description="training objective of a pretrain (a finetune trains supervised)")
     matryoshka_dims: list[int] = Field(
         default_factory=list,
         description="nested embedding prefixes each trained on their own, e.g. [32, 64, 128]; [] = off",
@@ -98,92 +106,25 @@ class ObjectiveConfig(Section):
         return self
 
 
-class FinetuneConfig(Section):
-    method: str = Field(
-        "lora",
-        description="adaptation method: full | linear | norm | lora | dora | pissa | loha | ia3 | svfit",
-    )
-    rank: int = Field(
-        8, ge=1, le=1024, description="adapter rank (lora/dora/pissa/loha; svfit if energy none)"
-    )
-    alpha: float | None = Field(None, gt=0, description="LoRA alpha; none = 2 x rank")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (loha: rank dropout)")
-    target_modules: str | None = Field(
-        None, description="regex of module names to adapt; none = the model family's default"
-    )
-    head_lr_scale: float = Field(10.0, gt=0, description="learning-rate multiplier for the new head")
-    rank_pattern: dict[str, int] = Field(
-        default_factory=dict, description="per-module ranks by module-name regex, overriding `rank`"
-    )
-    energy: float | None = Field(
-        0.99, gt=0, le=1, description="svfit: keep the fewest singular values holding this energy share"
-    )
-    train_norms: bool = Field(
-        False,
-        description="svfit: also train the normalisation layers' affine weights (as `norm` does; a few "
-        "thousand parameters more)",
-    )
-    rank_scale: float = Field(
-        1.0, gt=0, le=64, description="global rank budget: multiplies every rank (rank, rank_pattern, svfit)"
-    )
-    closed_form: bool = Field(
-        False,
-        description="linear: fit the head in closed form (ridge regression on frozen features, one pass "
-        "over the data) instead of by SGD",
-    )
-    ridge: list[Annotated[float, Field(gt=0)]] = Field(
-        default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0],
-        min_length=1,
-        description="closed_form: ridge strengths (x n x mean feature variance) tried; the best on data.val "
-        "wins, without data.val the middle one",
+class FinetuneBase(Section):
+    """The `finetune` keys every method shares; FinetuneConfig adds each one's own options."""
+
+    method: str = Field("lora", description="adaptation method")
+    head_lr_scale: float = Field(
+        10.0,
+        gt=0,
+        description="learning-rate multiplier for the new head",
+        json_schema_extra=perturbable(avoid=1),  # 1 merges the head's parameter group into the backbone's
     )
 
-    @field_validator("target_modules")
-    @classmethod
-    def _target_modules_compiles(cls, value):
-        return _regex(value)
 
-    @field_validator("rank_pattern")
-    @classmethod
-    def _rank_pattern_compiles(cls, value):
-        for pattern in value:
-            _regex(pattern)
-        return value
-
-    @field_validator("ridge", mode="before")
-    @classmethod
-    def _one_ridge_is_a_list(cls, value):
-        return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-
-    @field_validator("closed_form")
-    @classmethod
-    def _closed_form_is_linear(cls, value, info):
-        # Only a frozen backbone gives fixed features: every other method trains the backbone too.
-        return _only_with_method(value, info, "linear")
-
-    @field_validator("train_norms")
-    @classmethod
-    def _train_norms_is_svfit(cls, value, info):
-        # `norm` trains the norms alone, `full` already trains them; peft methods would not save them.
-        return _only_with_method(value, info, "svfit")
-
-
-def _regex(pattern: str | None) -> str | None:
-    """`pattern` when it is a valid regular expression; else one line naming the fault."""
-    if pattern is not None:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"{pattern!r} is not a valid regular expression ({err})") from None
-    return pattern
-
-
-def _only_with_method(value, info, method: str):
-    """A finetune option that only `method` has: refused, in one line, when set with another."""
-    chosen = info.data.get("method")
-    if value and chosen is not None and chosen != method:
-        raise ValueError(f"needs finetune.method {method}, not {chosen}")
-    return value
+# Flat sections: `objective.temperature`, `finetune.energy`, whichever file declares them.
+ObjectiveConfig = compose_section(
+    ObjectiveBase, "objective", "name", "objective", {n: o.options for n, o in OBJECTIVES.items()}
+)
+FinetuneConfig = compose_section(
+    FinetuneBase, "finetune", "method", "method", {n: m.options for n, m in ADAPTERS.items()}
+)
 
 
 class TrainConfig(Section):
@@ -198,13 +139,24 @@ class TrainConfig(Section):
         "through) and end the run (at most max_steps/epochs) at the step that fits in this many "
         "minutes; the cosine schedule decays to zero there",
     )
-    lr: float = Field(1e-3, gt=0, le=10, description="peak learning rate")
+    lr: float = Field(1e-3, gt=0, le=10, description="peak learning rate", json_schema_extra=PERTURBABLE)
     optimizer: Literal["adamw", "sgd", "lars"] = Field("adamw", description="optimizer: adamw | sgd | lars")
-    momentum: float = Field(0.9, ge=0, lt=1, description="momentum (sgd, lars)")
-    weight_decay: float = Field(0.05, ge=0, description="weight decay (not applied to norms and biases)")
-    grad_clip: float | None = Field(1.0, gt=0, description="clip the gradient norm to this; none = off")
+    momentum: float = Field(
+        0.9, ge=0, lt=1, description="momentum (sgd, lars)", json_schema_extra=PERTURBABLE
+    )
+    weight_decay: float = Field(
+        0.05,
+        ge=0,
+        description="weight decay (not applied to norms and biases)",
+        json_schema_extra=perturbable(avoid=0),  # 0 merges the decayed weights' group with the others'
+    )
+    grad_clip: float | None = Field(
+        1.0, gt=0, description="clip the gradient norm to this; none = off", json_schema_extra=PERTURBABLE
+    )
     accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    warmup_steps: int = Field(0, ge=0, description="linear warmup steps before cosine decay")
+    warmup_steps: int = Field(
+        0, ge=0, description="linear warmup steps before cosine decay", json_schema_extra=PERTURBABLE
+    )
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="data parallelism: ddp | fsdp (FSDP2)")
     activation_checkpointing: bool = Field(False, description="fsdp: recompute block activations")
     cpu_offload: bool = Field(False, description="fsdp: keep parameters and optimizer state on the CPU")
@@ -316,6 +268,16 @@ class JobConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     seed: int = Field(0, ge=0, description="random seed")
+
+
+def key_marks() -> dict[str, dict]:
+    """{dotted key: its markers} of every key that has some (PERTURBABLE ..., system/options.py)."""
+    found = {}
+    for section, field in JobConfig.model_fields.items():
+        for name, info in getattr(field.annotation, "model_fields", {}).items():
+            if marks(info):
+                found[f"{section}.{name}"] = marks(info)
+    return found
 
 
 def parse_override(text: str) -> tuple[str, Any]:

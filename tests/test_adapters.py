@@ -103,6 +103,22 @@ def test_every_registered_method_is_in_the_matrix():
     assert set(ADAPTERS) == set(METHODS)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_options_are_finetune_keys_and_exclusive_ones_need_their_method(method):
+    """A method's options are `finetune.*` keys; an exclusive one of another method is refused."""
+    from system.config import ConfigError, load_config
+    from system.options import marks
+
+    own = ADAPTERS[method].options.model_fields if ADAPTERS[method].options else {}
+    assert set(own) <= set(FinetuneConfig.model_fields)
+    for key, info in FinetuneConfig.model_fields.items():
+        if marks(info).get("exclusive") and key not in own and info.annotation is bool:
+            with pytest.raises(
+                ConfigError, match=f"^finetune.{key}: needs finetune.method .*, not {method}$"
+            ):
+                load_config(None, [f"finetune.method={method}", f"finetune.{key}=true"])
+
+
 def cases():
     for model in MODELS:
         for method in METHODS:

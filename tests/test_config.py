@@ -198,3 +198,129 @@ def test_checkpoint_policy_keeps_the_newest_or_the_best():
     every = ["train.keep_best=knn_acc", "train.eval_every=4", "train.checkpoint_every=8"]
     best_knn = checkpoint_policy(load_config(None, every))
     assert (best_knn.checkpoint_score_attribute, best_knn.checkpoint_score_order) == ("knn_acc", "max")
+
+
+# A new objective, written as a user would write its file: options, validation, registration.
+TOY_OBJECTIVE = """
+from pydantic import Field, field_validator
+from torch import nn
+
+from system.objectives.registry import register_objective
+from system.options import EXCLUSIVE, PERTURBABLE, Options
+
+
+class ToyOptions(Options):
+    toy_margin: float = Field(0.5, gt=0, description="margin of the toy loss", json_schema_extra=PERTURBABLE)
+    toy_memory: bool = Field(False, description="keep a memory bank", json_schema_extra=EXCLUSIVE)
+
+    @field_validator("toy_margin")
+    @classmethod
+    def _not_a_half(cls, value):
+        if value == 0.25:
+            raise ValueError("a quarter is reserved")
+        return value
+
+
+@register_objective("toy", options=ToyOptions, views=2)
+class Toy(nn.Module):
+    def __init__(self, embed_dim, cfg, num_classes=0, backbone=None):
+        super().__init__()
+        self.margin = cfg.toy_margin
+"""
+
+TOY_CHECKS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import toy_objective  # registers `toy` before system.config composes the sections
+
+from repforge.cli import build_parser
+from system.config import ConfigError, load_config
+from system.objectives import get_objective
+from tune.search import PBT_MUTABLE
+
+def error(overrides):
+    try:
+        load_config(None, overrides)
+    except ConfigError as err:
+        return str(err)
+
+try:
+    build_parser().parse_args(["pretrain", "--help"])
+except SystemExit:
+    pass
+cfg = load_config(None, ["objective.name=toy", "objective.toy_margin=0.75", "objective.toy_memory=true"])
+print(json.dumps({
+    "margin": get_objective("toy")(8, cfg.objective).margin,
+    "range": error(["objective.toy_margin=-1"]),
+    "validator": error(["objective.toy_margin=0.25"]),
+    "exclusive": error(["objective.toy_memory=true"]),
+    "pbt": "objective.toy_margin" in PBT_MUTABLE,
+}))
+"""
+
+
+def test_a_new_objective_is_one_file_and_its_registration(tmp_path):
+    """A new objective's options become keys: in --help, validated, refused with another objective,
+    swept by PBT; nothing else is edited (this process's config is composed already: a fresh one)."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "toy_objective.py").write_text(TOY_OBJECTIVE)
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", TOY_CHECKS, str(tmp_path)], cwd=root, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    help_text, result = done.stdout, json.loads(done.stdout.splitlines()[-1])
+    assert "objective.toy_margin: margin of the toy loss [toy]" in help_text
+    assert "objective.name: " in help_text and "simclr | supervised | toy" in help_text
+    assert result["margin"] == 0.75
+    assert result["range"] == "objective.toy_margin: Input should be greater than 0"
+    assert result["validator"] == "objective.toy_margin: Value error, a quarter is reserved"
+    assert result["exclusive"] == "objective.toy_memory: needs objective.name toy, not simclr"
+    assert result["pbt"]
+
+
+def test_every_option_says_who_reads_it_and_help_lists_every_key():
+    from repforge.commands.common import config_help
+    from system.adapters import ADAPTERS
+    from system.config import FinetuneConfig, ObjectiveConfig
+    from system.objectives import OBJECTIVES
+
+    text = config_help()
+    for section, model, choice, registry in [
+        ("objective", ObjectiveConfig, "name", OBJECTIVES),
+        ("finetune", FinetuneConfig, "method", ADAPTERS),
+    ]:
+        for name in model.model_fields:
+            assert f"  {section}.{name}: " in text
+        for member, entry in registry.items():
+            assert member in model.model_fields[choice].description
+            for option in entry.options.model_fields if entry.options else ():
+                assert member in model.model_fields[option].description, (member, option)
+    # What a preset or a sweep over methods may set for all: kept, and ignored by the others.
+    assert load_config(None, ["objective.name=supervised", "objective.proj_dim=64"]).objective.proj_dim == 64
+    assert load_config(None, ["finetune.method=norm", "finetune.rank=16"]).finetune.rank == 16
+
+
+def test_one_key_declared_by_two_options_classes_is_refused():
+    from pydantic import Field
+
+    from system.config import ObjectiveBase
+    from system.objectives.simclr import SimclrOptions
+    from system.options import Options, compose_section
+
+    class Clash(Options):
+        temperature: float = Field(0.5, description="another temperature")
+
+    with pytest.raises(TypeError, match="objective.temperature: declared by"):
+        compose_section(
+            ObjectiveBase, "objective", "name", "objective", {"simclr": SimclrOptions, "x": Clash}
+        )
+    with pytest.raises(TypeError, match="objective.name: declared by"):
+
+        class Name(Options):
+            name: str = "x"
+
+        compose_section(ObjectiveBase, "objective", "name", "objective", {"x": Name})

@@ -22,10 +22,39 @@ def tiny_backbone():
     return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=0)
 
 
-def test_registry_has_the_objectives():
-    assert {"simclr", "supervised", "rotation", "mae"} <= set(OBJECTIVES)
+# One row per registered objective (a new one adds its row): options for a small run.
+ROWS = {
+    "simclr": {"proj_dim": 16, "temperature": 0.5},
+    "supervised": {"label_smoothing": 0.1},
+    "rotation": {},
+    "mae": {"mask_ratio": 0.5},
+}
+
+
+def test_every_registered_objective_is_in_the_matrix():
+    assert set(OBJECTIVES) == set(ROWS)
     with pytest.raises(ValueError, match="objective.name"):
         get_objective("nope")
+
+
+@pytest.mark.parametrize("name", ROWS)
+def test_objective_contract(name):
+    """Its options are `objective.*` keys, and the batch holds only what it declares (views, labels):
+    a loss, and gradients into the backbone."""
+    cls = get_objective(name)
+    assert cls.views in (1, 2) and set(cls.options.model_fields if cls.options else ()) <= set(
+        ObjectiveConfig.model_fields
+    )
+    backbone = tiny_backbone()
+    objective = cls(backbone.num_features, ObjectiveConfig(name=name, **ROWS[name]), 3, backbone=backbone)
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    batch = {"image": images} if cls.views == 1 else {"view1": images, "view2": images.flip(-1)}
+    if cls.labels:
+        batch["label"] = torch.arange(6) % 3
+    loss, extra = objective(backbone, batch)
+    assert loss.ndim == 0 and torch.isfinite(loss) and isinstance(extra, dict)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.parameters())
 
 
 def test_nt_xent_equals_the_textbook_formula():

@@ -26,29 +26,19 @@ from __future__ import annotations
 
 from functools import partial
 
-from system.config import ConfigError, JobConfig
+from system.config import ConfigError, JobConfig, key_marks
 from tune.space import _check, _domain, tune_space
 
 CONTINUOUS = ("loguniform", "uniform", "randint")
-# What a trial may change when it goes on from another trial's checkpoint: optimizer and loss
-# settings. Not the model, adapter or objective (the weights would not fit), the optimizer
-# type (nor its state), or the data, batch size and length (the position would mean nothing).
-PBT_MUTABLE = (
-    "train.lr",
-    "train.weight_decay",
-    "train.momentum",
-    "train.grad_clip",
-    "train.warmup_steps",
-    "finetune.head_lr_scale",
-    "finetune.dropout",
-    "objective.temperature",
-    "objective.label_smoothing",
-    "objective.mask_ratio",
-)
-# A checkpoint's optimizer state loads only into the same parameter groups (system/optim.py):
+# What a trial may change when it goes on from another trial's checkpoint: the keys marked
+# PERTURBABLE where they are declared (system/options.py), optimizer and loss settings. Not the
+# model, adapter or objective (the weights would not fit), the optimizer type (nor its state), or
+# the data, batch size and length (the position would mean nothing).
+PBT_MUTABLE = tuple(key for key, mark in key_marks().items() if mark.get("perturbable"))
+# A checkpoint's optimizer state loads only into the same parameter groups (system/train/optim.py):
 # weight decay 0 merges the decayed weights with the others, head_lr_scale 1 the head with the
-# backbone. So PBT must not mutate these to or from those values.
-PBT_GROUPING = {"train.weight_decay": 0, "finetune.head_lr_scale": 1}
+# backbone. So PBT must not mutate these to or from the values their marks avoid.
+PBT_GROUPING = {key: mark["avoid"] for key, mark in key_marks().items() if "avoid" in mark}
 
 
 def check_search(cfg: JobConfig) -> None:
