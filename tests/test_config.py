@@ -215,7 +215,7 @@ class ToyOptions(Options):
 
     @field_validator("toy_margin")
     @classmethod
-    def _not_a_half(cls, value):
+    def _not_a_quarter(cls, value):
         if value == 0.25:
             raise ValueError("a quarter is reserved")
         return value
