@@ -57,7 +57,7 @@ def plan_run(cfg: JobConfig, job: str) -> dict:
         get_adapter(cfg.finetune.method)
     else:
         get_objective(cfg.objective.name)
-    labelled = job == "finetune" or cfg.objective.name == "supervised"
+    labelled = job == "finetune" or get_objective(cfg.objective.name).labels
     classes, rows = check_training_data(cfg, job, labelled)
     best = cfg.train.keep_best
     if best not in (None, "loss") and not cfg.data.val:
