@@ -188,12 +188,47 @@ def pick_ridge(stats: RidgeStats, ridges: list[float], val: tuple[np.ndarray, np
     return (best[1], best[2], best[3], scores)
 
 
+def probe_features(cfg: JobConfig, actor_kwargs: dict, dim: int, num_classes: int):
+    """One pass of Ray Data over train (and val) rows: the training rows' ridge statistics, and
+    the validation features and labels (None without data.val)."""
+    import ray
+
+    from system.data.dataset import read_dataset
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    concurrency = max(1, gpus) if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    batch = cfg.train.batch_size
+
+    # Training and validation rows go through one pipeline (one model load per worker),
+    # tagged so the driver can tell them apart.
+    columns = ["image", "label"]
+    ds = read_dataset(cfg.data.train, cfg.data.limit, columns=columns).map_batches(
+        tag_split, fn_kwargs={"split": 0}
+    )
+    if cfg.data.val:
+        ds = ds.union(
+            read_dataset(cfg.data.val, columns=columns).map_batches(tag_split, fn_kwargs={"split": 1})
+        )
+    stats = RidgeStats(dim, num_classes)
+    val_parts: list[tuple[np.ndarray, np.ndarray]] = []
+    for features, labels, split in embed_features(ds, actor_kwargs, batch, concurrency):
+        is_val = split == 1
+        if is_val.any():
+            val_parts.append((features[is_val], labels[is_val]))
+        if not is_val.all():
+            stats.add(features[~is_val], labels[~is_val])
+    val = None
+    if cfg.data.val:
+        val = (np.concatenate([f for f, _ in val_parts]), np.concatenate([y for _, y in val_parts]))
+    return stats, val
+
+
 def run_linear_probe(cfg: JobConfig, plan: dict) -> dict[str, str]:
     """Fit and publish the closed-form linear head (cfg validated and made absolute by train.py)."""
     import ray.train
 
     from system.adapters.registry import parameter_report
-    from system.data.dataset import read_dataset
     from system.train.evaluate import MAX_CONFUSION_CLASSES, per_class_report
     from system.train.export import export_artifacts, publish_result
     from system.train.module import build_model
@@ -209,33 +244,8 @@ def run_linear_probe(cfg: JobConfig, plan: dict) -> dict[str, str]:
         "state_ref": [state_ref],
         "pre": meta["preprocessing"],
     }
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    concurrency = max(1, gpus) if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    batch = cfg.train.batch_size
     start = time.perf_counter()
-
-    # Training and validation rows go through one pipeline (one model load per worker),
-    # tagged so the driver can tell them apart.
-    columns = ["image", "label"]
-    ds = read_dataset(cfg.data.train, cfg.data.limit, columns=columns).map_batches(
-        tag_split, fn_kwargs={"split": 0}
-    )
-    if cfg.data.val:
-        ds = ds.union(
-            read_dataset(cfg.data.val, columns=columns).map_batches(tag_split, fn_kwargs={"split": 1})
-        )
-    stats = RidgeStats(module.backbone.num_features, num_classes)
-    val_parts: list[tuple[np.ndarray, np.ndarray]] = []
-    for features, labels, split in embed_features(ds, actor_kwargs, batch, concurrency):
-        is_val = split == 1
-        if is_val.any():
-            val_parts.append((features[is_val], labels[is_val]))
-        if not is_val.all():
-            stats.add(features[~is_val], labels[~is_val])
-    val = None
-    if cfg.data.val:
-        val = (np.concatenate([f for f, _ in val_parts]), np.concatenate([y for _, y in val_parts]))
+    stats, val = probe_features(cfg, actor_kwargs, module.backbone.num_features, num_classes)
     ridge, weight, bias, scores = pick_ridge(stats, cfg.finetune.ridge, val)
 
     head = module.objective.head
