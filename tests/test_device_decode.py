@@ -216,3 +216,33 @@ def test_compile_and_gpu_decode_are_refused_in_one_line_where_they_cannot_apply(
         check_gpu_options(cfg.train, use_gpu=True)
     check_gpu_options(build_config({"train": {"compile": False}}).train, use_gpu=False)
     check_gpu_options(build_config({}).train, use_gpu=False)  # the defaults run on CPUs
+
+
+def test_workers_collate_encoded_rows_on_their_device(ray_local):
+    """train.gpu_decode's input: Ray Data hands the worker encoded rows, device_collate decodes them."""
+    import pyarrow as pa
+    import ray
+
+    from system.data.device_decode import device_collate
+    from system.data.transforms import preprocess_batch
+
+    images = [JPEGS["square 320"], OTHERS["png"], JPEGS["small 40x56"], OTHERS["webp"]] * 2
+    table = pa.table({"id": [str(i) for i in range(8)], "image": images, "label": list(range(8))})
+    collate = device_collate(SMALL, "eval", True, None, torch.device("cpu"))
+    batches = list(ray.data.from_arrow(table).iterator().iter_torch_batches(batch_size=4, collate_fn=collate))
+    assert [b["label"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    expected = preprocess_batch({"image": images}, SMALL)["image"]
+    got = torch.cat([b["image"] for b in batches]).numpy()
+    assert grey_levels(got, expected, SMALL).max() <= 2.5
+
+
+@pytest.mark.gpu
+def test_nvjpeg_on_the_gpu_gives_pils_pixels_within_a_few_grey_levels():
+    """nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a grey level or two."""
+    transform = eval_transform(RESNET50)
+    images = [*JPEGS.values(), *OTHERS.values()]
+    got = images_to_device(images, transform, "cuda")
+    assert got.device.type == "cuda" and got.dtype == torch.float32
+    diff = grey_levels(got.cpu().numpy(), images_to_tensor(images, transform), RESNET50)
+    assert diff[: len(JPEGS)].mean() < 1.0 and np.percentile(diff[: len(JPEGS)], 99.9) <= 8, diff.max()
+    assert diff[len(JPEGS) :].max() <= 1e-3  # the PIL rows, moved to the GPU

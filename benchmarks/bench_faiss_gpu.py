@@ -1,0 +1,87 @@
+"""FAISS on the CPU vs the GPU for one auto recipe: build time, search rate and recall@10.
+
+    python benchmarks/gpu_suite.py --only faiss     # runs faiss_case for the auto recipes
+
+Data: unit vectors around 1,000 random centres (inner product, as `repforge index build`
+indexes normalised embeddings); queries are other points of the same mixture. Recall@10 is
+against an exact Flat search of the same queries.
+- CPU: the recipe's index trained (k-means on the CPU) and filled on all CPU threads;
+- GPU build: the same index trained by system.index.build.train_index, which runs k-means on
+  the GPUs when FAISS sees any (what `repforge index build` does), then filled on the CPU;
+- GPU search: the CPU-built index moved with index_cpu_to_gpu, where FAISS has a GPU index of
+  its kind (Flat, IVF-Flat, IVF-PQ; not HNSW, whose GPU counterpart CAGRA needs a cuVS build,
+  nor Refine). Search parameters: nprobe 32 (IVF), efSearch 64 (HNSW).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def mixture(count: int, dim: int, seed: int, centres: int = 1000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    means = np.random.default_rng(0).standard_normal((centres, dim)).astype(np.float32)
+    x = means[rng.integers(0, centres, count)] + 0.3 * rng.standard_normal((count, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def recall(found: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact)]))
+
+
+def timed_search(index, queries: np.ndarray, k: int) -> tuple[float, np.ndarray]:
+    index.search(queries[:16], k)  # warm-up
+    start = time.perf_counter()
+    _, ids = index.search(queries, k)
+    return len(queries) / (time.perf_counter() - start), ids
+
+
+def faiss_case(count: int, dim: int, factory: str, budget, queries: int, gpus: int) -> tuple:
+    """One RESULTS.md row (setup, GPU, CPU, ratios) for `count` x `dim` and the recipe auto picks."""
+    import faiss
+
+    from system.index.build import train_index, train_sample_size
+    from system.index.recipes import choose_factory
+
+    string = choose_factory(factory, count, dim, budget)[0]
+    base, query = mixture(count, dim, 1), mixture(queries, dim, 2)
+    exact = faiss.IndexFlatIP(dim)
+    exact.add(base)
+    _, truth = exact.search(query, 10)
+    params = "nprobe=32" if "IVF" in string else "efSearch=64" if "HNSW" in string else ""
+
+    def build(on_gpu: bool) -> tuple[object, float]:
+        index = faiss.index_factory(dim, string, faiss.METRIC_INNER_PRODUCT)
+        sample = base[: train_sample_size(index, count)]
+        start = time.perf_counter()
+        if on_gpu:
+            train_index(index, sample, string)  # k-means on the GPUs
+        elif not index.is_trained:
+            index.train(sample)
+        index.add(base)
+        if params:
+            faiss.ParameterSpace().set_index_parameters(index, params)
+        return index, time.perf_counter() - start
+
+    cpu_index, cpu_build = build(False)
+    cpu_qps, cpu_ids = timed_search(cpu_index, query, 10)
+    cpu = f"CPU: build {cpu_build:.1f} s, {cpu_qps:.0f} queries/s, recall@10 {recall(cpu_ids, truth):.3f}"
+    setup = f"faiss {count} x {dim} (clustered, inner product), auto -> {string}, {queries} queries, k=10"
+    if not gpus:
+        return setup, "GPU: not measured (FAISS sees no GPU)", cpu, "-"
+    gpu_index, gpu_build = build("IVF" in string)  # only IVF recipes train k-means
+    gpu = [f"GPU: build {gpu_build:.1f} s{' (k-means on the GPU)' if 'IVF' in string else ' (no GPU step)'}"]
+    ratios = [f"build x{cpu_build / gpu_build:.2f}"]
+    try:
+        resources = faiss.StandardGpuResources()
+        on_gpu = faiss.index_cpu_to_gpu(resources, 0, gpu_index)
+        if "IVF" in string:
+            faiss.GpuParameterSpace().set_index_parameters(on_gpu, params)
+        gpu_qps, gpu_ids = timed_search(on_gpu, query, 10)
+        gpu.append(f"{gpu_qps:.0f} queries/s on the GPU, recall@10 {recall(gpu_ids, truth):.3f}")
+        ratios.append(f"search x{gpu_qps / cpu_qps:.1f}")
+    except (RuntimeError, AttributeError) as err:
+        gpu.append(f"search stays on the CPU (no GPU index for it: {str(err).splitlines()[0][:80]})")
+    return setup, ", ".join(gpu), cpu, "; ".join(ratios)
