@@ -33,13 +33,21 @@ def cached_input(uri: str, limit: int | None, cache_mb: float):
     return ray.data.from_arrow(read_table(uri, limit, columns))
 
 
+def decode_options(cfg: JobConfig, job: str, pre: dict) -> dict:
+    """How training rows become tensors (preprocess_batch's, or device_batch's, arguments)."""
+    mode = "ssl" if job == "pretrain" and get_objective(cfg.objective.name).views == 2 else "eval"
+    # With a seeded global shuffle, batches differ every epoch, so views seeded per batch do too.
+    seed = cfg.seed if cfg.data.shuffle == "global" else None
+    return {"pre": pre, "mode": mode, "hflip": cfg.data.hflip, "seed": seed}
+
+
 def input_datasets(cfg: JobConfig, job: str, pre: dict) -> dict:
     """The Ray Data pipelines of a run: decoding and augmentation as tasks beside the workers.
 
     Reproducible on `seed`: the global shuffle is seeded (a new order each epoch, the same
     orders in every run) and so are the SSL views of each batch (preprocess_batch).
     """
-    mode = "ssl" if job == "pretrain" and get_objective(cfg.objective.name).views == 2 else "eval"
+    options = decode_options(cfg, job, pre)
     # Their progress bars would interleave with the workers' progress lines: off.
     ray.data.DataContext.get_current().enable_progress_bars = False
     train = cached_input(cfg.data.train, cfg.data.limit, cfg.data.cache_mb)
@@ -48,16 +56,13 @@ def input_datasets(cfg: JobConfig, job: str, pre: dict) -> dict:
         train = train.map_batches(
             balance_rows, batch_format="pyarrow", fn_kwargs={"repeats": repeats, "seed": cfg.seed}
         )
-    seed = None
     if cfg.data.shuffle == "global":  # datasets are often sorted by class (CIFAR-10's files are)
         # Shuffles the encoded rows, before decoding; reseeded after each epoch.
         train = train.random_shuffle(
             seed=ray.data.RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True)
         )
-        seed = cfg.seed  # batches differ every epoch, so seeded views do too
     # Small batches: a worker's first step waits for one batch, not for a 1,024-image block.
     batch = cfg.train.batch_size
-    options = {"pre": pre, "mode": mode, "hflip": cfg.data.hflip, "seed": seed}
     # Blocks of at most `rows` (streaming): a Parquet file is read as one block, and the tasks
     # that decode and augment work block by block, so without this one task does a whole
     # file's work while the other CPUs and the workers wait (a GPU worker went from 143 to
@@ -65,7 +70,9 @@ def input_datasets(cfg: JobConfig, job: str, pre: dict) -> dict:
     # costs a task, and 32-row blocks slowed the 2-CPU quickstart.
     rows = max(batch, MIN_BLOCK_ROWS)
     train = train.repartition(target_num_rows_per_block=rows)
-    datasets = {"train": train.map_batches(preprocess_batch, batch_size=batch, fn_kwargs=options)}
+    if not cfg.train.gpu_decode:  # else encoded rows, each worker decoding on its GPU (device_collate)
+        train = train.map_batches(preprocess_batch, batch_size=batch, fn_kwargs=options)
+    datasets = {"train": train}
     if cfg.data.val:
         val = cached_input(cfg.data.val, None, cfg.data.cache_mb).repartition(target_num_rows_per_block=rows)
         datasets["val"] = val.map_batches(

@@ -18,18 +18,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from system.adapters.registry import adapter_bytes, parameter_report
 from system.config import JobConfig
+from system.data.device_decode import device_collate
 from system.train.checkpoint import full_model_state, load_checkpoint, save_checkpoint
 from system.train.evaluate import evaluate, per_class_report
 from system.train.export import export_artifacts
+from system.train.inputs import decode_options
 from system.train.module import build_model, train_mode
 from system.train.optim import build_optimizer, cosine_with_warmup
 from system.train.parallel import gradient_sync, parallelize, unwrap
-from system.train.progress import TimeBudget, Window, fault_injected, peak_memory_mb
+from system.train.progress import TimeBudget, Window, fault_injected, mean_loss, peak_memory_mb
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,10 @@ class TrainLoop:
             self.report(evaluated=True, saved=True, last=True, trained=self.progress.get("metrics", {}))
             return
         train_shard = self.worker.shard("train")
+        collate = None
+        if cfg.train.gpu_decode:  # encoded rows: decoded and augmented here, on the GPU
+            options = decode_options(cfg, self.job, self.config["meta"]["preprocessing"])
+            collate = device_collate(**options, device=self.device)
         while self.step < self.total_steps:
             self.batch_in_epoch = 0
             for batch in train_shard.iter_torch_batches(
@@ -138,6 +143,7 @@ class TrainLoop:
                 drop_last=True,
                 device=self.device,
                 local_shuffle_buffer_size=10 * cfg.train.batch_size if cfg.data.shuffle == "local" else None,
+                collate_fn=collate,
             ):
                 self.batch_in_epoch += 1
                 if self.batch_in_epoch <= self.skip:
@@ -177,7 +183,7 @@ class TrainLoop:
         with gradient_sync(self.model, sync), autocast:
             loss, self.extra = self.model(batch)
             (loss / cfg.train.accumulation_steps).backward()
-        window.losses.append(loss.item())
+        window.losses.append(loss.detach())  # read every log_every steps (mean_loss), not here
         window.images += cfg.train.batch_size
         window.step_end = time.perf_counter()
         if not sync:
@@ -209,7 +215,7 @@ class TrainLoop:
         if not self.log_cadence.due(self.step) or self.worker.rank != 0:
             return
         w = self.window.metrics(self.worker.world)
-        recent = np.mean(self.window.losses[-self.cfg.train.log_every :])
+        recent = mean_loss(self.window.losses[-self.cfg.train.log_every :])
         say(
             f"[{self.job}] step {self.step}/{self.total_steps} loss {recent:.4f} "
             f"lr {self.scheduler.get_last_lr()[0]:.2e} {w['images_per_s']:.0f} img/s "

@@ -10,7 +10,6 @@ import resource
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -18,6 +17,12 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def mean_loss(losses: list) -> float:
+    """The mean of a window's losses, kept on the device as tensors: one host sync per report,
+    not one per step (a `.item()` each step stalls the GPU's queue)."""
+    return float(torch.stack(losses).float().mean()) if losses else float("nan")
 
 
 class Window:
@@ -30,7 +35,7 @@ class Window:
     def metrics(self, world: int) -> dict:
         elapsed = time.perf_counter() - self.start
         return {
-            "loss": float(np.mean(self.losses)) if self.losses else float("nan"),
+            "loss": mean_loss(self.losses),
             "images_per_s": self.images * world / elapsed,
             "images_per_s_worker": self.images / elapsed,
             "step_time_s": elapsed / max(1, self.steps),
