@@ -732,3 +732,63 @@ def test_optuna_searchers_drive_tune(ray_local, search, tmp_path):
     results = tuner.fit()
     assert len(results) == 6 and not results.errors
     assert len({r.config["overrides"]["train.lr"] for r in results}) == 6  # Optuna proposed each trial
+
+
+@pytest.mark.slow
+def test_optuna_mo_sweep_trades_the_metric_against_trainable_params(ray_local, digits_data, tmp_path):
+    """A real optuna_mo sweep (in-process trials on digits) over methods from the head alone
+    (linear) through the norm layers to every weight (full): more trainable parameters buy
+    accuracy, so the Pareto front holds several trials, and no trial dominates one on it. The
+    searcher's own Optuna study was told both objectives of every trial (Ray's OptunaSearch
+    only logs a warning when a result lacks one): its Pareto front is the same."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tune.sweep import run_sweep
+
+    tree = sweep_tree(*digits_data, tmp_path)
+    tree["run"]["name"] = "mo"
+    tree["train"].update(lr=1e-2, eval_every=12)  # one report, at the end, with val_acc
+    tree["sweep"] = {
+        "search": "optuna_mo",
+        "scheduler": "fifo",
+        "in_process": True,
+        "num_samples": 5,
+        "max_concurrent": 1,
+        "metric": "val_acc",
+        "mode": "max",
+        "space": {"finetune.method": {"choice": ["linear", "norm", "full"]}},
+    }
+    run_sweep(build_config(tree))
+    folder = tmp_path / "mo"
+    with open(folder / "leaderboard.csv") as f:
+        rows = [
+            {**r, "val_acc": float(r["val_acc"]), "trainable_params": int(r["trainable_params"])}
+            for r in csv.DictReader(f)
+        ]
+    assert len(rows) == 5 and {r["status"] for r in rows} == {"DONE"}, rows
+    with open(folder / "pareto.csv") as f:
+        front = {r["trial_id"] for r in csv.DictReader(f)}
+    on_front = [r for r in rows if r["trial_id"] in front]
+    assert len(on_front) > 1, rows  # a trade-off: the cheapest trial is not also the best
+
+    def point(row: dict) -> tuple[float, int]:
+        return row["val_acc"], row["trainable_params"]
+
+    def dominates(a: dict, b: dict) -> bool:
+        (metric_a, params_a), (metric_b, params_b) = point(a), point(b)
+        return metric_a >= metric_b and params_a <= params_b and point(a) != point(b)
+
+    for row in on_front:
+        assert not any(dominates(other, row) for other in rows), (row, rows)
+    # ...and every trial off the front is dominated by one on it (or ties with one).
+    for row in rows:
+        assert row in on_front or any(dominates(p, row) or point(p) == point(row) for p in on_front)
+    assert len({r["finetune.method"] for r in on_front}) == len(on_front)
+
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(folder / "_tune"))
+    study = searcher._ot_study  # the study the searcher proposed trials from
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    told = [t.values for t in study.trials]
+    assert len(told) == 5 and all(v is not None and len(v) == 2 for v in told), told
+    assert {tuple(t.values) for t in study.best_trials} == {point(p) for p in on_front}
