@@ -1,5 +1,6 @@
-"""Sweep outputs: the leaderboard (CSV and terminal table) and the Pareto front of the
-metric against trainable parameters (CSV and PNG). Plain functions over leaderboard rows.
+"""Sweep outputs: the leaderboard (CSV; its terminal table is system.train.runs.format_table)
+and the Pareto front of the metric against trainable parameters (CSV and PNG). Plain
+functions over leaderboard rows.
 
     .venv/bin/python -m pytest -q tests/test_sweep.py -k "pareto or asha"
 """
@@ -65,24 +66,6 @@ def pareto_png(rows: list[dict], front: list[dict], metric: str, path: str) -> N
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def format_table(rows: list[dict]) -> str:
-    if not rows:
-        return "(no trials)"
-    cells = [list(rows[0])] + [[_cell(v) for v in row.values()] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def to_csv(rows: list[dict]) -> str:

@@ -21,7 +21,8 @@ vs trainable parameters), `best.yaml` (runnable with `repforge finetune --config
 best trial's `best/model` (and `best/adapter`), each trial's `trials/<id>/metrics.jsonl`,
 `rank_prior.json` when used, and Tune's own state in `_tune/` (with PBT: the checkpoint
 copies, and `pbt_global.txt`, one line per exploit). The trials' Train runs live in
-`{storage}/_ray/`. A trial that fails is an ERROR row; the others go on.
+`{storage}/_ray/`. A trial that fails is an ERROR row; the others go on. tune/results.py
+writes the leaderboard, the front and the best trial's files once Tune has finished.
 
 With `sweep.in_process: true` (one-worker trials; ASHA or FIFO) a trial fits no
 TorchTrainer: its own Tune process runs the same training loop and reports straight to
@@ -41,27 +42,23 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import ray
-import yaml
 from pyarrow import fs as pafs
 from ray import tune
 from ray.util.queue import Empty, Queue
 
 from system import storage
 from system.config import ConfigError, JobConfig, build_config, set_dotted
-from system.data.dataset import count_rows, read_classes
+from system.data.dataset import read_classes
 from system.ray_env import ensure_ray, omp_env
-from system.train import build_trainer, plan_run, planned_steps, run_record, uses_gpu
+from system.train import build_trainer, plan_run, run_record, uses_gpu
 from system.train.callbacks import MetricsLogger
-from system.train.export import publish_result
 from system.train.plan import absolute_uris, train_storage
 from tune.callbacks import ControllerHandoff, ReportToTune
 from tune.in_process import stop_trial, train_in_process, trial_resources
 from tune.ranks import describe, spectrum_prior
-from tune.report import finite as _finite
-from tune.report import format_table, pareto_front, pareto_png, sort_rows, to_csv
+from tune.results import trial_id_in, with_overrides, write_results
 from tune.search import build_scheduler, build_searcher, check_search, grid_space
 from tune.space import tune_space, validate_space
 
@@ -74,7 +71,7 @@ VAL_METRICS = {"val_acc": "finetune", "knn_acc": None, "rankme": None}  # need d
 
 def sweep_trial(config: dict, base: dict, job: str, sweep_name: str, forward_checkpoints: bool) -> None:
     """One Tune trial: the base config plus this trial's overrides, trained by Ray Train."""
-    tree = _with_overrides(base, config["overrides"])
+    tree = with_overrides(base, config["overrides"])
     trial_id = tune.get_context().get_trial_id()
     trial_run = f"{sweep_name}/trials/{trial_id}"
     set_dotted(tree, "run.name", trial_run)
@@ -83,7 +80,7 @@ def sweep_trial(config: dict, base: dict, job: str, sweep_name: str, forward_che
     start_from = tune.get_checkpoint()  # PBT: another trial's; or its own, after a pause
     source = ""
     if start_from is not None:
-        source = _trial_id_in(os.path.dirname(start_from.path))
+        source = trial_id_in(os.path.dirname(start_from.path))
         print(f"[sweep] trial {trial_id} goes on from trial {source}'s {start_from.path}", flush=True)
     logger = MetricsLogger(cfg.run.storage, trial_run)  # trials/{id}/metrics.jsonl: all its runs
     if cfg.sweep.in_process:  # no Train run: this process trains (tune/in_process.py)
@@ -290,106 +287,8 @@ def run_sweep(cfg: JobConfig, job: str = "finetune", resume: bool = False) -> st
     if not _finished(tune_uri, _expected_trials(cfg)):
         print(f"[sweep] {name} interrupted; continue it with --resume (same run.name)", flush=True)
         raise KeyboardInterrupt
-    rows = leaderboard(grid, cfg, job)
-    storage.write_text(storage.join(sweep_uri, "leaderboard.csv"), to_csv(rows))
-    print(f"\n[sweep] {name}: {len(rows)} trials, best first by {cfg.sweep.metric} ({cfg.sweep.mode})")
-    print(format_table(rows), flush=True)
-    write_pareto(rows, cfg, sweep_uri)
-    best = next((r for r in rows if _finite(r[cfg.sweep.metric]) and r["status"] != "ERROR"), None)
-    if best is None and all(r["status"] == "ERROR" for r in rows):
-        raise RuntimeError(f"sweep {name}: every trial failed (see the leaderboard and logs in {sweep_uri})")
-    if best is None:
-        # Trials ran but none reported it: a sweep.metric no run reports (a typo), a config error.
-        raise ConfigError(
-            f"sweep.metric: no trial of sweep {name} reported {cfg.sweep.metric} (see {sweep_uri})"
-        )
-    result = next(r for r in grid if _trial_id(r) == best["trial_id"])
-    best_tree = _with_overrides(cfg.model_dump(mode="json"), result.config["overrides"])
-    set_dotted(best_tree, "run.name", f"{name}-best")
-    storage.write_text(storage.join(sweep_uri, "best.yaml"), yaml.safe_dump(best_tree, sort_keys=False))
-    checkpoint, published = _last_checkpoint(result, cfg), {}
-    if checkpoint is not None:
-        published = publish_result(SimpleNamespace(checkpoint=checkpoint), cfg, job, f"{name}/best")
-    if "model" not in published:  # stopped before its end, or a run's last checkpoint, not its final one
-        print(f"[sweep] best trial {best['trial_id']} left no final checkpoint: no best/model", flush=True)
+    write_results(grid, cfg, job, name, sweep_uri)
     return sweep_uri
-
-
-def _last_checkpoint(result, cfg: JobConfig):
-    """The trial's last checkpoint: its Train run's (whose path its reports carry), or for an
-    in-process trial, the last one it reported to Tune."""
-    checkpoint_path = result.metrics.get("checkpoint_path")
-    if checkpoint_path:
-        fs, _ = storage.filesystem(cfg.run.storage)
-        return ray.train.Checkpoint(checkpoint_path, filesystem=fs)
-    return result.checkpoint
-
-
-def leaderboard(grid, cfg: JobConfig, job: str) -> list[dict]:
-    """One row per trial: id, status, swept values, metric, trainable_params, steps; best first."""
-    rows, row_counts = [], {}
-    for result in grid:
-        if result.config is None:  # a trial that never started (interrupted before it ran)
-            continue
-        metrics, overrides = result.metrics or {}, result.config.get("overrides", {})
-        trial_cfg = build_config(_with_overrides(cfg.model_dump(), overrides))
-        steps = metrics.get("step")
-        if result.error is not None:
-            status = "ERROR"
-        else:
-            # The trial's own plan (train.max_minutes can shorten it); counted again for
-            # trials that reported no total_steps (a sweep started by an older version).
-            planned = metrics.get("total_steps")
-            if planned is None:
-                key = (trial_cfg.data.train, trial_cfg.data.limit)
-                if key not in row_counts:
-                    row_counts[key] = count_rows(*key)
-                planned = planned_steps(trial_cfg, row_counts[key])
-            status = "DONE" if steps is not None and steps >= planned else "STOPPED"
-        rows.append(
-            {
-                "trial_id": _trial_id(result),
-                "status": status,
-                **{key: overrides.get(key) for key in cfg.sweep.space},
-                cfg.sweep.metric: metrics.get(cfg.sweep.metric),
-                "trainable_params": metrics.get("trainable_params"),
-                "steps": steps,
-            }
-        )
-    # Finished trials first: a stopped trial's metric comes from fewer steps, and it left no model.
-    return sort_rows(rows, cfg.sweep.metric, cfg.sweep.mode)
-
-
-def write_pareto(rows: list[dict], cfg: JobConfig, sweep_uri: str) -> list[dict]:
-    """pareto.csv and pareto.png: the trials no other beats on both metric and trainable params."""
-    front = pareto_front(rows, cfg.sweep.metric, cfg.sweep.mode)
-    storage.write_text(storage.join(sweep_uri, "pareto.csv"), to_csv(front))
-    with tempfile.TemporaryDirectory() as tmp:
-        pareto_png(rows, front, cfg.sweep.metric, f"{tmp}/pareto.png")
-        storage.write_bytes(storage.join(sweep_uri, "pareto.png"), Path(f"{tmp}/pareto.png").read_bytes())
-    print(f"[sweep] Pareto front ({cfg.sweep.metric} vs trainable params): {len(front)} trials", flush=True)
-    return front
-
-
-def _trial_id(result) -> str:
-    """From the last report, or for a trial that never reported, from its folder's name."""
-    if result.metrics and result.metrics.get("trial_id"):
-        return result.metrics["trial_id"]
-    return _trial_id_in(str(result.path))
-
-
-def _trial_id_in(path: str) -> str:
-    """The trial id in a Tune trial folder's name (e.g. sweep_trial_1a2b3_00001_1_train.lr=...)."""
-    name = os.path.basename(path)
-    match = re.search(r"_([0-9a-f]{5}_\d{5})_", name)
-    return match.group(1) if match else name
-
-
-def _with_overrides(base: dict, overrides: dict) -> dict:
-    tree = yaml.safe_load(yaml.safe_dump(base))  # a deep copy that also drops non-YAML types
-    for key, value in overrides.items():
-        set_dotted(tree, key, value)
-    return tree
 
 
 def _search_space(cfg: JobConfig) -> dict:

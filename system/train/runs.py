@@ -58,17 +58,23 @@ def read_metrics(run_uri: str) -> list[dict]:
     return rows
 
 
-def _cell(value) -> str:
+def _cell(value, missing: str) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
-    return "" if value is None else str(value)
+    return missing if value is None else str(value)
 
 
-def format_table(rows: list[dict]) -> str:
-    keys = [k for k in TABLE_KEYS if any(k in row for row in rows)]
-    cells = [keys] + [[_cell(row.get(k)) for k in keys] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(keys))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+def format_table(rows: list[dict], columns=None, missing="", rule=False, justify=str.rjust) -> str:
+    """Rows as aligned text columns (runs show; the sweep's leaderboard): `columns`, by default
+    the first row's keys; floats to 4 significant digits; `missing` where a row has no value;
+    `rule`: a line of dashes under the header; `justify`: str.rjust or str.ljust."""
+    columns = list(rows[0]) if columns is None else list(columns)
+    cells = [columns] + [[_cell(row.get(k), missing) for k in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(justify(c, w) for c, w in zip(line, widths)) for line in cells]
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def plot_curves(rows: list[dict], out: Path) -> None:
@@ -96,7 +102,7 @@ def show_run(run: str, storage_root: str = "runs") -> str:
     """Print the metrics table; write curves.png into the run folder; return its URI."""
     run_uri = resolve_run(run, storage_root)
     rows = read_metrics(run_uri)
-    print(format_table(rows), flush=True)
+    print(format_table(rows, [k for k in TABLE_KEYS if any(k in row for row in rows)]), flush=True)
     png_uri = storage.join(run_uri, "curves.png")
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "curves.png"
