@@ -73,7 +73,7 @@ def run_quickstart(
 ) -> str:
     import pyarrow.parquet as pq
 
-    from serve.app import start_app, stop_app
+    from serve.control import start_app, stop_app
     from system.data.dataset import digits_dataset
     from system.embed.batch import run_embed
     from system.index import build_index, evaluate_index

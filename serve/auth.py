@@ -3,7 +3,7 @@
 The token comes from `--token-file` (AppArgs.token_file) or the environment variable
 REPFORGE_API_TOKEN of the process that builds the app. Only its SHA-256 crosses into Ray
 (deployment init args are stored by the Serve controller), and requests are compared in
-constant time. /v1/health and the OpenAPI pages stay open.
+constant time. /v1/health, the OpenAPI pages and the search page (no data) stay open.
 
     REPFORGE_API_TOKEN=secret repforge serve --model ... ;  curl -H 'Authorization: Bearer secret' ...
 """
@@ -17,7 +17,8 @@ import os
 from system import storage
 
 TOKEN_ENV = "REPFORGE_API_TOKEN"
-OPEN_PATHS = frozenset({"/v1/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset({"/", "/v1/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PREFIX = "/static/"  # the search page's files: code, no data
 
 
 class TokenError(ValueError):
@@ -41,7 +42,7 @@ def token_sha256(token_file: str | None) -> str | None:
 
 
 def authorized(path: str, authorization: str | None, expected_sha256: str | None) -> bool:
-    if expected_sha256 is None or path in OPEN_PATHS:
+    if expected_sha256 is None or path in OPEN_PATHS or path.startswith(OPEN_PREFIX):
         return True
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():

@@ -21,7 +21,7 @@ from collections import Counter
 import numpy as np
 from ray import serve
 
-from serve.deployments import VersionMismatch
+from serve.errors import VersionMismatch
 from system import storage
 
 

@@ -51,6 +51,7 @@ class ParsedQuery:
     mode: str | None = None
     name: str | None = None
     metadata: list[dict] | None = None
+    filter: dict | None = None
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -86,14 +87,32 @@ async def parse_multipart(request: Request, body: bytes, max_images: int) -> Par
             if not isinstance(part, UploadFile):
                 raise ApiError(400, "invalid_image", "part 'image' must be a file (send it with a filename)")
             images.append(await part.read())
-        texts = {key: [v for v in form.getlist(key) if isinstance(v, str)] for key in ("id", "name")}
+        texts = {
+            key: [v for v in form.getlist(key) if isinstance(v, str)] for key in ("id", "name", "filter")
+        }
     finally:
         await form.close()
     if not images:
         raise ApiError(422, "validation_error", "image: multipart body needs one or more parts named 'image'")
     return ParsedQuery(
-        images=images, ids=texts["id"] or None, name=texts["name"][0] if texts["name"] else None
+        images=images,
+        ids=texts["id"] or None,
+        name=texts["name"][0] if texts["name"] else None,
+        filter=parse_filter(texts["filter"][0]) if texts["filter"] else None,
     )
+
+
+def parse_filter(text: str) -> dict | None:
+    """A multipart `filter` field: a JSON object (empty text: no filter)."""
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ApiError(400, "invalid_filter", f"filter: not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ApiError(422, "invalid_filter", 'filter: a JSON object, e.g. {"label": 3}')
+    return value
 
 
 def decode_base64(text: str, position: int) -> bytes:
@@ -115,7 +134,7 @@ def parse_json(body: bytes, schema) -> ParsedQuery:
     except ValidationError as err:
         raise ApiError(422, "validation_error", pydantic_message(err.errors())) from None
     images = getattr(request, "images", None)
-    names = ("vectors", "ids", "k", "dim", "mode", "name", "metadata")
+    names = ("vectors", "ids", "k", "dim", "mode", "name", "metadata", "filter")
     fields = {name: getattr(request, name, None) for name in names}
     return ParsedQuery(
         images=[decode_base64(text, i) for i, text in enumerate(images)] if images is not None else None,

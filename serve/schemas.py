@@ -62,6 +62,16 @@ class AppArgs(BaseModel):
         256, ge=-1, description="requests waiting per deployment beyond that before 503 (-1: unbounded)"
     )
     embedder_replicas: int = Field(1, ge=1, description="embedder replicas (deploy.yaml may autoscale)")
+    ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas (each parses, and may search)")
+    ingress_search: str = Field(  # str, not Literal: `repforge serve` makes a flag of each field
+        "auto",
+        pattern="^(auto|on|off)$",
+        description="search a one-shard index inside the ingress replicas (no hop to the retriever): "
+        "auto when its files are under ingress_search_max_bytes",
+    )
+    ingress_search_max_bytes: int = Field(
+        2_000_000_000, ge=0, description="largest index (its FAISS files) auto searches in the ingress"
+    )
     replica_cpus: float = Field(1.0, ge=0, description="CPUs reserved per embedder replica")
     persist_items: bool = Field(True, description="save the index after each /v1/items change")
 
@@ -111,6 +121,11 @@ class SearchRequest(_Request):
     k: int | None = Field(None, description="hits per query (overrides the query parameter)")
     dim: int | None = Field(
         None, description="Matryoshka prefix: score on the first dim dimensions (overrides the query)"
+    )
+    filter: dict[str, Any] | None = Field(
+        None,
+        description='only items whose metadata match, e.g. {"label": 3} (in multipart: a `filter` '
+        "field holding this JSON)",
     )
 
     @model_validator(mode="after")

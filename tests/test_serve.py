@@ -25,10 +25,12 @@ import pytest
 import torch
 from ray import serve
 
-from serve.app import APP_NAME, ServeArgsError, build_app, start_app, stop_app
+from serve.app import build_app
+from serve.args import ServeArgsError
+from serve.control import APP_NAME, start_app, stop_app
 from system import storage
 from system.data.transforms import eval_transform, images_to_tensor, preprocessing_config
-from system.embed.batch import embed_images, embeddings_metadata, embeddings_table
+from system.embed.batch import embed_images, embeddings_metadata, embeddings_table, with_source
 from system.index import build_index
 from system.models.artifact import Embedder, create_backbone, save_model
 
@@ -37,6 +39,7 @@ MATRYOSHKA_DIMS = (16, 32)
 LIMITS = {"max_batch_size": 4, "max_images": 8, "max_k": 50, "max_body_bytes": 1_000_000}
 # The served model runs under bf16 autocast when the replica gets a GPU; fp32 on CPU.
 ATOL = 3e-2 if torch.cuda.is_available() else 1e-4
+START_TIMEOUT_S = 600  # seconds on an idle machine; minutes on a 2-core machine shared with other jobs
 
 
 @dataclass
@@ -76,14 +79,18 @@ def tiny_model(root, num_classes: int, name: str) -> tuple[Embedder, dict]:
 def artifacts(digits_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     model, meta = tiny_model(root, 10, "model")
-    table = pq.read_table(storage.parquet_files(digits_data[1]))
+    files = storage.parquet_files(digits_data[1])
+    table = pq.read_table(files)
     ids, images = table.column("id").to_pylist(), table.column("image").to_pylist()
     vectors = embed_images(model, meta["preprocessing"], images)
     (root / "embeddings").mkdir()
-    pq.write_table(
-        embeddings_table(ids, vectors, {"label": table.column("label")}, embeddings_metadata(meta, CLASSES)),
-        root / "embeddings" / "part-00000.parquet",
+    embeddings = embeddings_table(
+        ids, vectors, {"label": table.column("label")}, embeddings_metadata(meta, CLASSES)
     )
+    # Where each row came from, as `repforge embed` records it (the thumbnails read it).
+    assert len(files) == 1
+    embeddings = with_source(embeddings.take(np.random.default_rng(0).permutation(len(ids))), files[0])
+    pq.write_table(embeddings, root / "embeddings" / "part-00000.parquet")
     build_index(str(root / "embeddings"), str(root / "index"), progress=False)
     return root, model, meta, ids, images, table.column("label").to_pylist(), vectors
 
@@ -91,7 +98,11 @@ def artifacts(digits_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(ray_local, artifacts):
     root, model, meta, ids, images, labels, vectors = artifacts
-    url = start_app({"model": str(root / "model"), "index": str(root / "index"), **LIMITS}, port=free_port())
+    url = start_app(
+        {"model": str(root / "model"), "index": str(root / "index"), **LIMITS},
+        port=free_port(),
+        timeout_s=START_TIMEOUT_S,
+    )
     try:
         with httpx.Client(base_url=url, timeout=60.0) as client:
             yield Served(url, client, model, meta, ids, images, labels, vectors)
@@ -125,6 +136,8 @@ def test_health_info_and_docs(served):
     assert info["model"]["fingerprint"] == served.meta["fingerprint"]
     assert info["index"]["dim"] == served.meta["embedding_dim"] and info["index"]["count"] == len(served.ids)
     assert info["limits"]["max_k"] == LIMITS["max_k"]
+    # A one-shard index that fits: searched in the ingress; its metadata columns are filterable.
+    assert info["index"]["searched_in_ingress"] is True and info["index"]["filterable"] == ["label"]
     assert served.client.get("/docs").status_code == 200
     paths = served.client.get("/openapi.json").json()["paths"]
     assert {"/v1/embed", "/v1/classify", "/v1/search", "/v1/health", "/v1/info"} <= set(paths)
@@ -231,6 +244,69 @@ def test_search_by_id(served):
         assert hits[0]["metadata"]["label"] == served.labels[i]
 
 
+def test_search_page_is_served(served):
+    page = served.client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<script src="/static/search.js">' in page.text and "http" not in page.text.split("<body>")[1]
+    script = served.client.get("/static/search.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert "/v1/search" in script.text and "fetch(" in script.text
+    assert_error(served.client.get("/static/nothing.css"), 404, "not_found")
+
+
+def test_item_image(served):
+    """The stored image of an indexed item, read from its dataset row; resized; cached by ETag."""
+    import io
+
+    from PIL import Image
+
+    row = 123
+    item = served.ids[row]
+    whole = served.client.get(f"/v1/items/{item}/image")
+    assert whole.status_code == 200, whole.text
+    assert whole.content == served.images[row]  # no size: the dataset's own bytes
+    assert whole.headers["cache-control"].startswith("private, max-age=") and whole.headers["etag"]
+    # Digits are 8x8: a larger size gives the original, a smaller one a resized PNG.
+    assert served.client.get(f"/v1/items/{item}/image", params={"size": 64}).content == served.images[row]
+    small = served.client.get(f"/v1/items/{item}/image", params={"size": 4})
+    assert small.status_code == 200 and small.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(small.content)) as img:
+        assert max(img.size) == 4
+        original = Image.open(io.BytesIO(served.images[row]))
+        assert img.size[0] / img.size[1] == pytest.approx(original.size[0] / original.size[1], rel=0.1)
+    again = served.client.get(
+        f"/v1/items/{item}/image", params={"size": 4}, headers={"if-none-match": small.headers["etag"]}
+    )
+    assert again.status_code == 304 and not again.content
+    assert_error(served.client.get("/v1/items/no/such/id/image"), 404, "unknown_id")
+    assert_error(served.client.get(f"/v1/items/{item}/image", params={"size": 1}), 422, "invalid_size")
+
+
+def test_filtered_search(served):
+    """`filter` in JSON and as a multipart field: the exact top-k among the matching items."""
+    picks, k, label = distinct_rows(served.vectors, 2), 5, 3
+    matching = [i for i, lab in enumerate(served.labels) if lab == label]
+    body = {"vectors": served.vectors[picks].tolist(), "k": k, "filter": {"label": label}}
+    response = served.client.post("/v1/search", json=body)
+    assert response.status_code == 200, response.text
+    for q, hits in zip(picks, response.json()["results"], strict=True):
+        exact = np.sort(served.vectors[matching] @ served.vectors[q])[::-1][:k]
+        assert all(h["metadata"]["label"] == label for h in hits)
+        np.testing.assert_allclose([h["score"] for h in hits], exact, atol=1e-5)
+    by_image = served.client.post(
+        "/v1/search",
+        files=multipart([served.images[picks[0]]]),
+        data={"filter": json.dumps({"label": {"ne": label}})},
+        params={"k": k},
+    )
+    assert by_image.status_code == 200, by_image.text
+    assert all(h["metadata"]["label"] != label for h in by_image.json()["results"][0])
+    by_id = served.client.post(
+        "/v1/search", json={"ids": [served.ids[matching[0]]], "filter": {"label": label}}
+    )
+    assert by_id.json()["results"][0][0]["id"] == served.ids[matching[0]]
+
+
 def test_search_on_a_matryoshka_prefix(served):
     """dim=16 scores each item by the normalised query prefix . the item's first 16 dims."""
     dim, picks = MATRYOSHKA_DIMS[0], distinct_rows(served.vectors, 3)
@@ -299,7 +375,7 @@ def test_ingress_middleware_times_out_refuses_and_counts(tmp_path):
     from fastapi import FastAPI
 
     from serve import auth, metrics
-    from serve.ingress import Guard
+    from serve.guard import Guard
 
     app = FastAPI()
     app.add_middleware(Guard)
@@ -443,6 +519,30 @@ BAD_INPUTS = {
         422,
         "invalid_dim",
     ),
+    "filter on an unknown column": (
+        "/v1/search",
+        {"json": {"vectors": [[0.1] * 64], "filter": {"no_such_column": 1}}},
+        422,
+        "invalid_filter",
+    ),
+    "filter value of another type": (
+        "/v1/search",
+        {"json": {"vectors": [[0.1] * 64], "filter": {"label": "three"}}},
+        422,
+        "invalid_filter",
+    ),
+    "filter not a JSON object": (
+        "/v1/search",
+        {"json": {"ids": ["x"], "filter": [1]}},
+        422,
+        "validation_error",
+    ),
+    "filter field not JSON (multipart)": (
+        "/v1/search",
+        {"files": multipart([PNG]), "data": {"filter": "{label: 3"}},
+        400,
+        "invalid_filter",
+    ),
     "image and id in one search (multipart)": (
         "/v1/search",
         {"files": multipart([PNG]), "data": {"id": "x"}},
@@ -497,7 +597,11 @@ def test_headless_app_404s_and_sheds_overload(served, tmp_path):
     tiny_model(tmp_path, 0, "headless")
     # One request at a time in the embedder and one waiting: a burst must be shed with 503s.
     limits = {"max_ongoing_requests": 1, "max_queued_requests": 1, "batch_wait_timeout_s": 0.05}
-    url = start_app({"model": str(tmp_path / "headless"), **limits}, port=int(served.url.rsplit(":", 1)[1]))
+    url = start_app(
+        {"model": str(tmp_path / "headless"), **limits},
+        port=int(served.url.rsplit(":", 1)[1]),
+        timeout_s=START_TIMEOUT_S,
+    )
     with httpx.Client(base_url=url, timeout=60.0) as client:
         assert_error(client.post("/v1/classify", files=multipart([PNG])), 404, "no_classifier")
         assert_error(client.post("/v1/search", json={"ids": ["x"]}), 404, "no_index")

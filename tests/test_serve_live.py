@@ -23,8 +23,9 @@ import pytest
 import ray
 import torch
 
-from serve.app import ServeArgsError, start_app, stop_app, swap_versions
+from serve.args import ServeArgsError
 from serve.classes import knn_vote
+from serve.control import start_app, stop_app, swap_versions
 from system import storage
 from system.data.transforms import preprocessing_config
 from system.embed.batch import embed_images, embeddings_metadata, embeddings_table
@@ -34,6 +35,8 @@ from tests.conftest import free_port
 
 CLASSES = [str(i) for i in range(10)]
 TOKEN = "s3cret-token"
+# Replicas start in seconds on an idle machine; a 2-core machine shared with other jobs took minutes.
+START_TIMEOUT_S = 600
 ATOL = 3e-2 if torch.cuda.is_available() else 1e-4
 LIMITS = {"max_batch_size": 4, "max_images": 8, "max_k": 50, "max_body_bytes": 1_000_000, "knn_k": 10}
 
@@ -102,15 +105,17 @@ def live(ray_local, digits_data, tmp_path_factory):
         "classes": str(root / "classes" / "classes.json"),
         "token_file": str(root / "token"),
         "embedder_replicas": 2,
+        "ingress_replicas": 2,
+        "ingress_search": "on",  # the copies must follow live items, swaps and restarts
         "replica_cpus": 0,
         **LIMITS,
     }
-    url = start_app(args, port=free_port())
+    url = start_app(args, port=free_port(), timeout_s=START_TIMEOUT_S)
     headers = {"authorization": f"Bearer {TOKEN}"}
     try:
         with httpx.Client(base_url=url, timeout=60.0, headers=headers) as client:
             live = Live(url, client, root, metas, models, ids, images, labels, vectors)
-            live.shards = shards
+            live.shards, live.args = shards, args
             yield live
     finally:
         stop_app()
@@ -204,6 +209,9 @@ def test_items_add_upsert_remove_persisted(live):
     added = live.client.post("/v1/items", json=body).json()
     assert added == {"added": 1, "replaced": 0, "removed": 0, "count": len(live.ids) + 1}
     assert "live/1" in top_ids(live, fresh, 2)
+    # Its image is stored with it (the index's rows hold no images of their own).
+    image = live.client.get("/v1/items/live/1/image")
+    assert image.status_code == 200 and image.content == fresh
     # Upsert by multipart: the same id, another image; the old vector is gone.
     response = live.client.post("/v1/items", **multipart([live.images[9]], id="live/1"))
     assert response.json()["replaced"] == 1, response.text
@@ -387,7 +395,11 @@ def test_bad_input_on_live_routes(live, name):
 
 
 def request_loop(live, results: list, requests: int, seconds: float, stop: threading.Event) -> None:
-    """Alternate /v1/embed and /v1/search by image; record (status, model fingerprint)."""
+    """Alternate /v1/embed and /v1/search by image; record (status, model fingerprint, path, retries).
+
+    Both calls are idempotent, so a client may retry them: a 5xx or a dropped connection is
+    retried (at most 3 times, as a load balancer would on another replica) and counted.
+    """
     deadline = time.monotonic() + seconds
     with httpx.Client(base_url=live.url, timeout=60.0, headers=dict(live.client.headers)) as client:
         for n in range(requests):
@@ -395,11 +407,16 @@ def request_loop(live, results: list, requests: int, seconds: float, stop: threa
                 return
             image = live.images[n % 50]
             path = "/v1/embed" if n % 2 else "/v1/search"
-            try:
-                response = client.post(path, **multipart([image]), params={} if n % 2 else {"k": 3})
-                results.append((response.status_code, response.json().get("model"), path))
-            except httpx.HTTPError as err:
-                results.append((type(err).__name__, None, path))
+            for retry in range(4):
+                try:
+                    response = client.post(path, **multipart([image]), params={} if n % 2 else {"k": 3})
+                    outcome = (response.status_code, response.json().get("model"), path, retry)
+                except (httpx.HTTPError, ValueError) as err:
+                    outcome = (type(err).__name__, None, path, retry)
+                if outcome[0] == 200 or (isinstance(outcome[0], int) and outcome[0] < 500):
+                    break
+                time.sleep(0.2)
+            results.append(outcome)
 
 
 def run_under_load(live, action, requests: int = 400, seconds: float = 90.0) -> list:
@@ -436,7 +453,7 @@ def test_hot_swap_under_load_and_a_refused_swap(live):
     failed = [r for r in results if r[0] != 200]
     print(f"hot swap: {len(results)} requests, {len(failed)} failed")
     assert not failed, failed[:5]
-    models = [m for _, m, _ in results]
+    models = [m for _, m, _, _ in results]
     assert set(models) == {a, b} and models[-1] == b
     # New requests see the new version, and its numbers are model B's.
     got = live.client.post("/v1/embed", json={"images": b64(live.images[:2])}).json()
@@ -450,16 +467,37 @@ def test_hot_swap_under_load_and_a_refused_swap(live):
     assert live.client.post("/v1/embed", json={"images": b64(live.images[:1])}).json()["model"] == b
 
 
-def test_killed_replica_under_load(live):
-    actors = replica_actors("EmbedderDeployment")
-    assert len(actors) == 2
-    results = run_under_load(live, lambda: ray.kill(actors[0], no_restart=True))
-    failed = [r for r in results if r[0] != 200]
-    print(f"replica kill: {len(results)} requests, {len(failed)} failed")
-    assert not failed, failed[:5]
-    deadline = time.monotonic() + 60  # Serve replaces the dead replica
-    while len(replica_actors("EmbedderDeployment")) < 2 and time.monotonic() < deadline:
+def wait_replaced(deployment: str, before: list, timeout_s: float = 120.0) -> list:
+    """The deployment's replicas once Serve has replaced the killed one (as many, a new name)."""
+    names = {a._actor_id for a in before}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = replica_actors(deployment)
+        if len(now) == len(before) and {a._actor_id for a in now} != names:
+            return now
         time.sleep(0.5)
+    raise AssertionError(f"{deployment}: no replacement replica within {timeout_s} s")
+
+
+@pytest.mark.parametrize("deployment", ["RepforgeIngress", "EmbedderDeployment", "RetrieverDeployment0"])
+def test_killed_replica_under_load(live, deployment):
+    """A replica killed under a bounded request loop: it dies, Serve replaces it, and no request
+    fails (the ingress retries its calls on the live replica; a client retries a call whose
+    ingress replica died under it, counted below)."""
+    actors = replica_actors(deployment)
+    assert len(actors) == (1 if deployment.startswith("Retriever") else 2)
+    victim = actors[0]
+    results = run_under_load(live, lambda: ray.kill(victim, no_restart=True))
+    with pytest.raises(ray.exceptions.RayActorError):  # the kill happened
+        ray.get(victim.__ray_ready__.remote(), timeout=30)
+    failed = [r for r in results if r[0] != 200]
+    retried = sum(1 for r in results if r[3])
+    print(
+        f"{deployment} replica killed: {len(results)} requests, {retried} retried by the client, "
+        f"{len(failed)} failed"
+    )
+    assert not failed, failed[:5]
+    wait_replaced(deployment, actors)
     assert live.client.get("/v1/health").json() == {"status": "ok"}
 
 
@@ -467,7 +505,8 @@ def test_retriever_keeps_the_previous_index_only_for_another_model(live):
     """Across a model swap the old index answers the old model's queries; otherwise it is freed."""
     import asyncio
 
-    from serve.deployments import RetrieverDeployment, VersionMismatch
+    from serve.errors import VersionMismatch
+    from serve.retriever import RetrieverDeployment
 
     retriever = RetrieverDeployment.func_or_class(persist=False)  # the plain class under the deployment
     model = {name: str(live.root / f"model{name}") for name in "AB"}
@@ -484,3 +523,22 @@ def test_retriever_keeps_the_previous_index_only_for_another_model(live):
             await retriever.search(live.vectors["A"][:1], 1, fingerprint["A"])
 
     asyncio.run(scenario())
+
+
+def test_live_items_and_classes_survive_an_app_restart(live):
+    """Stop the whole app and start it again: live items (with their images) and live classes
+    come back from storage."""
+    fingerprint = live.client.get("/v1/info").json()["model"]["fingerprint"]
+    name = "B" if fingerprint == live.metas["B"]["fingerprint"] else "A"
+    item = live.images[11]
+    body = {"ids": ["live/restart"], "images": b64([item]), "metadata": [{"label": 1}]}
+    assert live.client.post("/v1/items", json=body).status_code == 200
+    assert live.client.post("/v1/classes", json={"name": "restart", "images": b64([item])}).status_code == 200
+    before = live.client.get("/v1/classes").json()["classes"]
+    stop_app()
+    args = {**live.args, "model": str(live.root / f"model{name}"), "index": live.shards[name]}
+    assert start_app(args, port=int(live.url.rsplit(":", 1)[1]), timeout_s=START_TIMEOUT_S) == live.url
+    hits = live.client.post("/v1/search", json={"ids": ["live/restart"], "k": 1}).json()["results"]
+    assert hits[0][0]["id"] == "live/restart" and hits[0][0]["metadata"] == {"label": 1}
+    assert live.client.get("/v1/items/live/restart/image").content == item
+    assert live.client.get("/v1/classes").json()["classes"] == before

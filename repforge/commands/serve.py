@@ -48,7 +48,7 @@ def run_serve(args) -> str:
     import signal
     import time
 
-    from serve.app import start_app, stop_app
+    from serve.control import start_app, stop_app
 
     index = args.index[0] if args.index and len(args.index) == 1 else args.index
     serve_args = {"model": args.model, "index": index, "classifier": args.classifier, "classes": args.classes}

@@ -1,7 +1,9 @@
 """Batch embedding of a whole dataset with Ray Data, and the embeddings contract.
 
 Embeddings are Parquet shards with `id`, `embedding` (fixed_size_list<float32>[d]) and
-the dataset's other columns passed through (never the image bytes); schema metadata
+the dataset's other columns passed through (never the image bytes), plus where each row
+came from: `source_uri` (its input Parquet file) and `source_row` (its position there), so
+the images can be found again without a copy (the search page's thumbnails); schema metadata
 holds the model fingerprint, whether vectors are L2-normalised, the Matryoshka dims
 (comma-separated, empty when none) and the class names.
 
@@ -155,8 +157,20 @@ def _start_partial(partial: Path, job: dict) -> set[int]:
     return set()
 
 
-def _write_shard(partial: Path, number: int, parts: list[pa.Table], metadata: dict) -> None:
-    table = pa.concat_tables(parts).replace_schema_metadata(metadata)
+def with_source(table: pa.Table, file_uri: str) -> pa.Table:
+    """`table` plus `source_uri` and `source_row`: each row's input file and position in it."""
+    if "source_uri" in table.column_names:  # an input that records its own sources keeps them
+        return table
+    fs, path = storage.filesystem(file_uri)
+    with fs.open_input_file(path) as f:  # the id column only: the rows come back out of order
+        position = {i: n for n, i in enumerate(pq.read_table(f, columns=["id"]).column("id").to_pylist())}
+    rows = pa.array([position[i] for i in table.column("id").to_pylist()], pa.int64())
+    table = table.append_column("source_uri", pa.array([file_uri] * len(table), pa.string()))
+    return table.append_column("source_row", rows)
+
+
+def _write_shard(partial: Path, number: int, parts: list[pa.Table], metadata: dict, source: str) -> None:
+    table = with_source(pa.concat_tables(parts), source).replace_schema_metadata(metadata)
     tmp = partial / f".part-{number:05d}.parquet.tmp"
     pq.write_table(table, tmp)
     os.replace(tmp, partial / f"part-{number:05d}.parquet")  # a shard is there whole or not at all
@@ -243,7 +257,7 @@ def run_embed(
                 buffers[number].append(part)
                 got[number] += len(part)
                 if got[number] == rows[number]:
-                    _write_shard(partial, number, buffers.pop(number), metadata)
+                    _write_shard(partial, number, buffers.pop(number), metadata, files[number])
             embedded_rows += len(table)
             if time.perf_counter() - last > progress_every_s:
                 last = time.perf_counter()
