@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import faiss
@@ -42,6 +41,8 @@ import pyarrow.parquet as pq
 
 from system import storage
 from system.index.files import INDEX_FILE, MANIFEST_FILE, combine_shards, id_files, load_idmap, read_shards
+from system.index.filtered import ann_search, exact_search, filter_device, plan
+from system.index.filters import HIDDEN, parse_filter, terms_mask
 from system.index.recipes import (
     IndexInputError,
     as_matrix,
@@ -59,13 +60,12 @@ __all__ = [
     "VectorIndex",
     "check_fingerprint",
     "choose_factory",
-    "evaluate_index",
     "new_index",
     "open_index",
 ]
 
 
-def _check_k(k) -> int:
+def check_k(k) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise IndexInputError(f"k must be a positive integer, got {k!r}")
     return int(k)
@@ -176,6 +176,16 @@ class VectorIndex:
     def info(self) -> dict:
         return {**self.manifest, "count": len(self)}
 
+    def describe(self) -> dict:
+        """What `repforge index info` prints: the manifest's summary and where search and filtering run."""
+        keys = ("dim", "metric", "factory", "reason", "shards", "search_params", "target_recall", "auto")
+        out = {k: self.manifest[k] for k in keys if k in self.manifest}
+        gpu = faiss.get_num_gpus() > 0 and "HNSW" not in self.manifest["factory"]
+        out.update(count=len(self), search_device="gpu" if gpu else "cpu", filter_device=filter_device())
+        out["filterable"] = {f.name: str(f.type) for f in self.idmap.schema if f.name not in HIDDEN}
+        out["filter_points"] = self.manifest.get("filter_points", [])
+        return out
+
     def __len__(self) -> int:
         return len(self._ids)
 
@@ -216,9 +226,38 @@ class VectorIndex:
             kept[q, : len(at)] = scores[q, at]
         return found, kept
 
-    def search(self, vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
-        """Top-k ids per query and scores [n, min(k, len)]; scores past len(ids[i]) are padding."""
-        return self._search(as_matrix(vectors, self.dim), _check_k(k))
+    def search(self, vectors: np.ndarray, k: int, filter=None) -> tuple[list[list[str]], np.ndarray]:
+        """Top-k ids per query and scores [n, min(k, len)]; scores past len(ids[i]) are padding.
+
+        `filter` (a dict or its JSON text, see system/index/filters.py) keeps only the rows
+        whose attributes match: fewer than k matches give as many hits as there are, none
+        gives empty lists. A bad filter raises FilterError and changes nothing.
+        """
+        queries, k = as_matrix(vectors, self.dim), check_k(k)
+        terms = parse_filter(filter, self.idmap.schema)
+        if terms is None:
+            return self._search(queries, k)
+        return self.search_rows(queries, k, terms_mask(terms, self.idmap))
+
+    def search_rows(self, queries: np.ndarray, k: int, mask: np.ndarray, strategy: str | None = None):
+        """Search among the id map rows set in `mask`; `strategy` "exact"/"ann" overrides the plan."""
+        rows = np.flatnonzero(mask)
+        k = min(k, len(rows))
+        if k == 0 or len(queries) == 0:
+            return [[] for _ in queries], np.zeros((len(queries), k), np.float32)
+        labels = self._labels[rows]
+        chosen, params = plan(self.manifest, self.index, len(rows) / len(self), len(rows))
+        if (strategy or chosen) == "exact":
+            try:
+                scores, found = exact_search(self.shards, queries, k, labels, self._shard[rows], self.metric)
+            except RuntimeError:  # codes FAISS cannot decode (reconstruct): widest selector search
+                strategy, params = "ann", {**params, "nprobe": 1 << 20, "efSearch": 4096}
+        if (strategy or chosen) == "ann":
+            allowed = np.zeros(int(self._labels.max()) + 1, bool)
+            allowed[labels] = True
+            scores, found = ann_search(self.shards, queries, k, allowed, params, self.metric)
+        at = np.minimum(np.searchsorted(self._labels, found), len(self._labels) - 1)
+        return [self._ids[r[f >= 0]].tolist() for r, f in zip(at, found, strict=True)], scores
 
     def reconstruct(self, ids: list[str]) -> np.ndarray:
         """The stored vectors of `ids` (decoded, so approximate for lossy codes such as PQ)."""
@@ -235,10 +274,11 @@ class VectorIndex:
             raise IndexInputError(f"index {factory!r} cannot return stored vectors: {reason}") from None
         return out
 
-    def search_by_id(self, ids: list[str], k: int) -> tuple[list[list[str]], np.ndarray]:
+    def search_by_id(self, ids: list[str], k: int, filter=None) -> tuple[list[list[str]], np.ndarray]:
         """Search with the stored vectors of `ids`; each id is usually its own first hit."""
-        k = _check_k(k)
-        return self._search(self.reconstruct(ids), k)
+        k = check_k(k)
+        parse_filter(filter, self.idmap.schema)  # a bad filter fails before any search
+        return self.search(self.reconstruct(ids), k, filter)
 
     def metadata(self, ids: list[str]) -> list[dict]:
         """The passthrough columns (label, ...) of each id, as JSON-ready dicts."""
@@ -274,8 +314,13 @@ class VectorIndex:
             for i, m, lab in zip(ids, metadata or [{}] * len(ids), labels, strict=True)
         ]
         try:  # built before FAISS is touched, so bad metadata leaves the index unchanged
-            idmap = pa.concat_tables([self.idmap, pa.Table.from_pylist(rows)], promote_options="default")
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            new = pa.Table.from_pylist(rows)
+            for name in set(new.column_names) & set(self.idmap.column_names):
+                # Attributes keep the index's column types (an int16 label stays filterable as one).
+                at = new.column_names.index(name)
+                new = new.set_column(at, name, new.column(name).cast(self.idmap.schema.field(name).type))
+            idmap = pa.concat_tables([self.idmap, new], promote_options="default")
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
             raise IndexInputError(f"metadata does not fit the index's columns: {e}") from None
         where = shard_of(ids, len(self.shards))
         for s, shard in enumerate(self.shards):
@@ -317,94 +362,3 @@ class VectorIndex:
         keep[rows] = False
         self._gpu = None
         self._set_idmap(self.idmap.filter(pa.array(keep)), self._shard[keep])
-
-
-def _recall(index: VectorIndex, stored: np.ndarray, queries, found: list[list[str]], exact, k: int) -> float:
-    """Mean fraction of the k found ids whose exact score ties or beats the k-th exact score.
-
-    Scoring by value rather than by id makes ties among equally close vectors free: any of
-    them is a correct answer, whichever one FAISS happens to return.
-    """
-    hits = 0
-    for query, ids, best in zip(queries, found, exact, strict=True):
-        vectors = stored[index._rows(ids[:k])]
-        kth = best[k - 1]
-        slack = 1e-4 * max(1.0, abs(float(kth)))  # BLAS vs numpy rounding
-        if index.metric == "ip":
-            hits += int((vectors @ query >= kth - slack).sum())
-        else:
-            hits += int((((vectors - query) ** 2).sum(axis=1) <= kth + slack).sum())
-    return hits / (k * len(queries))
-
-
-def _search_times(index: VectorIndex, queries: np.ndarray, batch: int, k: int, reps: int, budget_s: float):
-    # Cycle through the queries so repetitions do not just re-read one cached batch.
-    batches = [queries[(np.arange(batch) + i * batch) % len(queries)] for i in range(reps)]
-    index.search(batches[0], k)  # warm-up: first-call allocations are not search speed
-    times, deadline = [], time.perf_counter() + budget_s
-    for q in batches:
-        if times and time.perf_counter() > deadline:
-            break
-        start = time.perf_counter()
-        index.search(q, k)
-        times.append(time.perf_counter() - start)
-    return np.array(times)
-
-
-def evaluate_index(
-    index_uri: str,
-    queries: np.ndarray | None = None,
-    k: int = 10,
-    num_queries: int = 200,
-    target_recall: float | None = None,
-) -> dict:
-    """Recall@1/10/100/k against exact search, queries per second, latency and size of an index.
-
-    The ground truth is an exact FAISS Flat index over the stored vectors as the index
-    reconstructs them, so for lossy codes (PQ, SQ) recall measures the search, not the
-    quantisation. Queries default to `num_queries` stored vectors sampled with a fixed seed.
-    """
-    if num_queries < 1:
-        raise IndexInputError(f"num_queries must be at least 1, got {num_queries}")
-    index = open_index(index_uri, target_recall)
-    n, k = len(index), _check_k(k)
-    if n == 0:
-        raise IndexInputError("cannot evaluate an empty index")
-    stored = index.reconstruct(index._ids.tolist())
-    if queries is None:
-        queries = stored[np.sort(np.random.default_rng(0).choice(n, min(num_queries, n), replace=False))]
-    queries = as_matrix(queries, index.dim)
-    exact = faiss.IndexFlatIP(index.dim) if index.metric == "ip" else faiss.IndexFlatL2(index.dim)
-    exact.add(stored)
-    report = {
-        "uri": storage.normalize(index_uri),
-        "factory": index.manifest["factory"],
-        "metric": index.metric,
-    }
-    report.update(count=n, dim=index.dim, num_queries=len(queries))
-    for at in sorted({kk for kk in (1, 10, 100, k) if kk <= n}):
-        exact_scores, _ = exact.search(queries, at)
-        found, _ = index.search(queries, at)  # one search per k: HNSW/IVF results depend on k
-        report[f"recall@{at}"] = round(_recall(index, stored, queries, found, exact_scores, at), 4)
-    single = _search_times(index, queries, 1, k, reps=len(queries), budget_s=2.0)
-    batched = _search_times(index, queries, 256, k, reps=5, budget_s=2.0)
-    files = list(index.manifest.get("files", [INDEX_FILE]))
-    files += [str(Path(f).with_suffix(".ivfdata")) for f in files] if index.manifest.get("on_disk") else []
-    size = 0
-    for name in files:
-        fs, path = storage.filesystem(storage.join(report["uri"], name))
-        size += fs.get_file_info(path).size
-    report.update(
-        qps_batch1=round(1.0 / float(np.median(single)), 1),
-        qps_batch256=round(256 / float(np.median(batched)), 1),
-        latency_ms_p50=round(1000 * float(np.percentile(single, 50)), 4),
-        latency_ms_p99=round(1000 * float(np.percentile(single, 99)), 4),
-        latency_ms_p50_batch256=round(1000 * float(np.percentile(batched, 50)), 4),
-        latency_ms_p99_batch256=round(1000 * float(np.percentile(batched, 99)), 4),
-        bytes_per_vector=round(size / n, 1),
-        build_seconds=index.manifest.get("build_seconds"),
-        shards=len(index.shards),
-        search_params=index.manifest.get("search_params", {}),
-        device="gpu" if index._gpu is not None else "cpu",
-    )
-    return report
