@@ -23,6 +23,9 @@ def register(commands) -> dict:
         "--prefix-dim", type=int, help="coarse search on the first D dims, re-rank (0 off, default auto)"
     )
     build.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune for")
+    build.add_argument(
+        "--tune-seconds", type=float, help="time auto may spend measuring candidate recipes (default 120)"
+    )
     search = index_commands.add_parser("search", help="nearest neighbours of stored items or images")
     search.add_argument("--index", required=True, help="index folder")
     search.add_argument(
@@ -32,6 +35,7 @@ def register(commands) -> dict:
     search.add_argument("--model", help="model artifact that embeds --image queries")
     search.add_argument("--k", type=positive_int, default=10, help="neighbours per query")
     search.add_argument("--target-recall", type=float, help="operating point (default: the build's)")
+    search.add_argument("--filter", help="metadata filter (JSON), e.g. '{\"label\": 3}'; see README")
     evaluate = index_commands.add_parser("eval", help="recall against exact search, QPS, latency (JSON)")
     evaluate.add_argument("--index", required=True, help="index folder")
     evaluate.add_argument("--k", type=positive_int, default=10, help="recall@k and search k")
@@ -39,6 +43,11 @@ def register(commands) -> dict:
         "--queries", type=positive_int, default=200, help="number of stored vectors used as queries"
     )
     evaluate.add_argument("--target-recall", type=float, help="operating point (default: the build's)")
+    evaluate.add_argument("--filter", help="metadata filter (JSON): recall against the exact filtered answer")
+    info = index_commands.add_parser(
+        "info", help="recipe, operating points, filterable columns, devices (JSON)"
+    )
+    info.add_argument("--index", required=True, help="index folder")
     return {"index": run_index}
 
 
@@ -57,17 +66,33 @@ def run_index(args) -> str:
             on_disk=args.on_disk,
             prefix_dim=args.prefix_dim,
             target_recall=args.target_recall,
+            tune_seconds=args.tune_seconds,
         )
         print(f"indexed {manifest['count']} vectors ({manifest['factory']}: {manifest['reason']})")
         print(f"search params {manifest['search_params']} for recall@10 >= {manifest['target_recall']}")
         return storage.normalize(args.out)
     if args.index_command == "eval":
         report = index.evaluate_index(
-            args.index, k=args.k, num_queries=args.queries, target_recall=args.target_recall
+            args.index,
+            k=args.k,
+            num_queries=args.queries,
+            target_recall=args.target_recall,
+            filter=_filter(args.filter),
         )
         print(json.dumps(report, indent=2))
         return storage.normalize(args.index)
+    if args.index_command == "info":
+        print(json.dumps(index.open_index(args.index).describe(), indent=2, default=str))
+        return storage.normalize(args.index)
     return search_index(args)
+
+
+def _filter(text: str | None) -> dict | None:
+    """The --filter JSON as a dict; a malformed one fails (exit 2) before any index loads."""
+    from system.index import parse_filter
+
+    parse_filter(text)
+    return json.loads(text) if text else None
 
 
 def search_index(args) -> str:
@@ -79,9 +104,10 @@ def search_index(args) -> str:
         raise CliError("index search: give --id or --image (one kind of query)")
     if args.images and not args.model:
         raise CliError("index search: --image needs --model to embed it")
+    flt = _filter(args.filter)
     vindex = index.open_index(args.index, args.target_recall)
     if args.ids:
-        queries, (found, scores) = args.ids, vindex.search_by_id(args.ids, args.k)
+        queries, (found, scores) = args.ids, vindex.search_by_id(args.ids, args.k, flt)
     else:
         from system.data import check_image
         from system.embed import embed_images
@@ -94,7 +120,7 @@ def search_index(args) -> str:
             if (reason := check_image(image)) is not None:
                 raise CliError(f"--image {path}: {reason}")
         queries = args.images
-        found, scores = vindex.search(embed_images(model, meta["preprocessing"], images), args.k)
+        found, scores = vindex.search(embed_images(model, meta["preprocessing"], images), args.k, flt)
     for query, ids, row in zip(queries, found, scores):
         hits = [
             {"id": i, "score": round(float(s), 5), "metadata": m}

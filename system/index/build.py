@@ -6,8 +6,10 @@
 
 How a build runs, with memory bounded by one batch of vectors plus the index itself:
 
-1. `scan`: row counts and schema from Parquet footers only; the recipe is chosen from the
-   count per shard, the dimension and the memory budget (system/index_recipes.py).
+1. `scan`: row counts and schema from Parquet footers only. `--factory auto` reads a
+   uniform sample (one streaming pass) and measures candidate recipes on it
+   (system/index/auto.py); `--on-disk` picks from the count per shard, the dimension and
+   the memory budget (system/index/recipes.py).
 2. One shard (in-process): the driver reads the id map (refusing duplicate ids), then a
    uniform sample (`train_sample_size` rows, one streaming pass) trains the coarse quantizer and
    PQ codebooks, on GPUs when FAISS sees any; `build_shard` then streams the Parquet with
@@ -27,11 +29,12 @@ How a build runs, with memory bounded by one batch of vectors plus the index its
    On-disk IVF shards add in blocks that `faiss.contrib.ondisk.merge_ondisk` merges into
    one memory-mapped `.ivfdata` file. While adding, each shard keeps the exact top-10 of
    the tuning queries.
-3. The driver sweeps search parameters against that exact top-10 (system/index_tune.py)
+3. The driver sweeps search parameters against that exact top-10 (system/index/tune.py)
    on the FAISS shards alone (shard 0 alone when the shard files hold more than
    TUNE_WHOLE_INDEX_BYTES; the manifest's `tuned_on` says which), writes the manifest
    (`rows_read`: rows streamed from the embeddings, the count when sharded, twice it with
-   one shard), and publishes the folder atomically; `.partition/` is gone before that,
+   one shard, plus the count for auto's sample pass), measures filtered operating points
+   (system/index/filtered.py) and publishes the folder atomically; `.partition/` is gone before that,
    and a failure anywhere leaves nothing.
 """
 
@@ -52,7 +55,10 @@ import pyarrow.parquet as pq
 
 from system import storage
 from system.embed.batch import EmbedError
-from system.index.files import IDS_FILE, MANIFEST_FILE, combine_shards, id_files, read_shards
+from system.index.api import VectorIndex
+from system.index.auto import DEFAULT_TUNE_SECONDS, auto_sample_rows, select_factory
+from system.index.files import IDS_FILE, MANIFEST_FILE, combine_shards, id_files, load_idmap, read_shards
+from system.index.filtered import tune_filtered
 from system.index.recipes import (
     METRICS,
     IndexInputError,
@@ -85,6 +91,7 @@ ONDISK_BLOCK = 1_000_000  # vectors per in-RAM block before it is merged into th
 # 1/N slices (crc32 of the id) under one trained quantizer, so one shard's operating points
 # stand for every shard's, and a billion-vector build never needs the whole index in the driver.
 TUNE_WHOLE_INDEX_BYTES = 8 << 30
+FILTER_TUNE_MAX_ROWS = 5_000_000  # filtered tuning decodes up to half the vectors for its ground truth
 PARTITION_DIR = ".partition"  # staging files of a sharded build, inside the temporary index folder
 
 
@@ -451,6 +458,7 @@ def build_index(
     on_disk: bool = False,
     prefix_dim: int | None = None,
     target_recall: float = 0.95,
+    tune_seconds: float | None = None,
 ) -> dict:
     """Index every vector of an embeddings dataset into a new index folder; returns its manifest.
 
@@ -480,7 +488,19 @@ def build_index(
     budget = parse_bytes(memory_budget)
     auto = factory == "auto" and not on_disk
     per_shard = -(-count // shards)
-    factory, reason, ram = choose_factory(factory, per_shard, dim, budget, on_disk)
+    tune_seconds = DEFAULT_TUNE_SECONDS if tune_seconds is None else float(tune_seconds)
+    if not tune_seconds > 0:
+        raise IndexInputError(f"--tune-seconds must be positive, got {tune_seconds}")
+    auto_record, auto_rows = None, 0
+    if auto:  # measured: candidates built on a sample, the fastest at the target recall wins
+        sample = read_sample(files, counts, auto_sample_rows(count), seed=2)
+        factory, reason, ram, auto_record = select_factory(
+            sample, per_shard, metric, budget or default_budget(), target_recall, tune_seconds
+        )
+        auto_rows = count
+        del sample
+    else:
+        factory, reason, ram = choose_factory(factory, per_shard, dim, budget, on_disk)
     # The prefix re-rank keeps full float32 vectors in RAM: only when the budget has room.
     room = auto and ram + 4 * dim * per_shard <= (budget or default_budget())
     prefix = _prefix_dim(prefix_dim, meta, dim, factory, room)
@@ -510,10 +530,10 @@ def build_index(
         del sample
         args = (faiss.serialize_index(empty), str(staging), on_disk, queries, metric, progress)
         results = _run_shards(shards, *inputs, args, on_driver_node)
+        rows_read += auto_rows
         if shards == 1:
             rows_read += sum(r["count"] for r in results)
             pq.write_table(idmap, staging / IDS_FILE)
-            del idmap
         shutil.rmtree(staging / PARTITION_DIR, ignore_errors=True)  # emptied by the shard tasks
         seconds = time.perf_counter() - start
         manifest = {
@@ -543,6 +563,8 @@ def build_index(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "target_recall": target_recall,
         }
+        if auto_record is not None:
+            manifest["auto"] = auto_record
         # The sweep needs the FAISS shards only, never the id maps.
         index_bytes = sum(os.path.getsize(staging / name) for name in manifest["files"])  # ~ its RAM
         if shards > 1 and index_bytes > TUNE_WHOLE_INDEX_BYTES:
@@ -558,8 +580,16 @@ def build_index(
             truth, tuned_count = heap.I, count
             manifest["tuned_on"] = "all shards"
         points = sweep(searcher, queries, truth) if tuned_count > TUNE_K else []
-        del searcher
         manifest["operating_points"] = points
         manifest["search_params"] = (pick_point(points, target_recall) or {}).get("params", {})
+        if manifest["tuned_on"] == "all shards" and count <= FILTER_TUNE_MAX_ROWS:
+            rows_shard = None
+            if idmap is None:
+                idmap, rows_shard = load_idmap(staging, manifest)
+            shard_list = [searcher] if shards == 1 else [searcher.at(s) for s in range(shards)]
+            vindex = VectorIndex(shard_list, idmap, manifest, shard_of_row=rows_shard)
+            manifest["filter_points"] = tune_filtered(vindex, queries, target_recall, min(60.0, tune_seconds))
+            del vindex
+        del searcher, idmap
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return manifest
