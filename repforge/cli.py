@@ -16,10 +16,10 @@ import argparse
 import os
 import sys
 
-from repforge.commands import data, embed, index, quickstart, serve, train
+from repforge.commands import compat, data, embed, index, quickstart, serve, train
 
 # In the order `repforge --help` lists them: the pipeline's order.
-COMMAND_MODULES = (data, train, embed, index, serve, quickstart)
+COMMAND_MODULES = (data, train, embed, index, serve, compat, quickstart)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         if not connected_before:
             _shutdown_ray()
     print(uri, flush=True)
-    return 0
+    return getattr(uri, "exit_code", 0)  # `compat check`: 1 when not compatible
 
 
 def _ray_connected() -> bool:

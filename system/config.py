@@ -97,6 +97,12 @@ class ObjectiveBase(Section):
         default_factory=list,
         description="nested embedding prefixes each trained on their own, e.g. [32, 64, 128]; [] = off",
     )
+    compatible_with: str | None = Field(
+        None,
+        description="old model artifact whose index the new model must search (backward-compatible "
+        "training, docs/upgrades.md); none = off",
+    )
+    compat_weight: float = Field(1.0, ge=0, description="weight of the compatibility loss (compatible_with)")
 
     @model_validator(mode="after")
     def _dims_increasing(self):

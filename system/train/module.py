@@ -14,6 +14,7 @@ from torch import nn
 from system.adapters.registry import get_adapter
 from system.config import JobConfig
 from system.models.artifact import create_backbone, load_backbone_weights
+from system.objectives.compatible import with_compatibility
 from system.objectives.registry import get_objective
 
 
@@ -33,13 +34,14 @@ def build_model(cfg: JobConfig, job: str, num_classes: int) -> TrainModule:
     backbone = create_backbone(cfg.model.name, cfg.model.kwargs, cfg.model.pretrained)
     if cfg.model.init:
         load_backbone_weights(backbone, cfg.model.init)
+    timm_model = backbone  # before an adapter wraps it: compatible_with reads its preprocessing
     if job == "finetune":
         backbone = get_adapter(cfg.finetune.method).apply(backbone, cfg.finetune)
         objective = get_objective("supervised")(backbone.num_features, cfg.objective, num_classes)
     else:
         objective_cls = get_objective(cfg.objective.name)
         objective = objective_cls(backbone.num_features, cfg.objective, num_classes, backbone=backbone)
-    return TrainModule(backbone, objective)
+    return TrainModule(backbone, with_compatibility(objective, cfg, timm_model, num_classes))
 
 
 def train_mode(module: nn.Module) -> None:

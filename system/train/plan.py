@@ -22,6 +22,7 @@ from system.config import ConfigError, JobConfig
 from system.data.dataset import DataError, check_dataset, count_rows, labels_in_first
 from system.data.transforms import preprocessing_config
 from system.models.artifact import check_backbone_weights, create_backbone, read_meta
+from system.objectives.compatible import with_compatibility
 from system.objectives.registry import get_objective, nested_dims
 from system.ray_env import started_here
 from system.train.parallel import residual_blocks
@@ -30,7 +31,8 @@ from system.train.parallel import residual_blocks
 def absolute_uris(cfg: JobConfig) -> JobConfig:
     """Workers run in other folders (and on other nodes): every path becomes absolute."""
     cfg = cfg.model_copy(deep=True)
-    for section, key in (("data", "train"), ("data", "val"), ("model", "init"), ("run", "storage")):
+    keys = (("data", "train"), ("data", "val"), ("model", "init"), ("objective", "compatible_with"))
+    for section, key in (*keys, ("run", "storage")):
         value = getattr(getattr(cfg, section), key)
         if value:
             setattr(getattr(cfg, section), key, storage.normalize(value))
@@ -143,6 +145,8 @@ def check_model(cfg: JobConfig, job: str, num_classes: int, init: tuple[str, dic
         objective_cls = get_objective(cfg.objective.name)
         objective_cls(backbone.num_features, cfg.objective, num_classes, backbone=backbone)
     nested_dims(cfg.objective, backbone.num_features)  # Matryoshka dims must fit the embedding
+    objective_cls = get_objective(cfg.objective.name if job == "pretrain" else "supervised")
+    with_compatibility(objective_cls, cfg, backbone, num_classes)  # compatible_with: the old model fits
     if cfg.train.strategy == "fsdp":
         residual_blocks(backbone)  # a model FSDP cannot shard block by block fails here
     if job == "finetune":
