@@ -134,7 +134,17 @@ def run_quickstart(
             stop_app()
 
     metrics = read_meta(model_uri)["metrics"]
-    rows = [
+    print_summary(summary_rows(metrics, evaluation, latencies, sweep_uri, stages, started))
+    if keep_serving:
+        print(keep_serving_text(url, indexed), flush=True)
+        _wait_for_interrupt()
+        stop_app()
+    return base
+
+
+def summary_rows(metrics: dict, evaluation: dict, latencies: dict, sweep_uri: str, stages, started: float):
+    """The quickstart's summary: what was learnt, how the index and the app did, where time went."""
+    return [
         ("fine-tuned accuracy (held-out digits)", f"{metrics['val_acc']:.3f}"),
         (
             "trainable parameters (LoRA + head)",
@@ -147,20 +157,18 @@ def run_quickstart(
         *_stage_seconds(stages, time.perf_counter()),
         ("total time", f"{time.perf_counter() - started:.0f} s"),
     ]
-    print_summary(rows)
-    if keep_serving:
-        print(
-            f"\nThe app is still up at {url} (OpenAPI: {url}/docs). Try:\n"
-            f"  curl {url}/v1/health\n"
-            f"  curl -F image=@some.png '{url}/v1/classify?k=3'\n"
-            f"  curl -H 'content-type: application/json' \\\n"
-            f"       -d '{{\"ids\": [\"{indexed}\"]}}' '{url}/v1/search?k=5'\n"
-            "Press Ctrl-C to stop.",
-            flush=True,
-        )
-        _wait_for_interrupt()
-        stop_app()
-    return base
+
+
+def keep_serving_text(url: str, indexed: str) -> str:
+    return (
+        f"\nThe app is still up at {url} (OpenAPI: {url}/docs). Try:\n"
+        f"  open {url}/?id={indexed} in a browser: the search page, that digit's neighbours\n"
+        f"  curl {url}/v1/health\n"
+        f"  curl -F image=@some.png '{url}/v1/classify?k=3'\n"
+        f"  curl -H 'content-type: application/json' \\\n"
+        f"       -d '{{\"ids\": [\"{indexed}\"]}}' '{url}/v1/search?k=5'\n"
+        "Press Ctrl-C to stop."
+    )
 
 
 def _wait_for_interrupt() -> None:
