@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 
+import faiss
 import numpy as np
 
 
@@ -25,6 +26,12 @@ def mixture(count: int, dim: int, seed: int, centres: int = 1000) -> np.ndarray:
     means = np.random.default_rng(0).standard_normal((centres, dim)).astype(np.float32)
     x = means[rng.integers(0, centres, count)] + 0.3 * rng.standard_normal((count, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def inner(index):
+    """The index inside new_index's id map (ids are row positions here)."""
+    index = faiss.downcast_index(index)
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
 
 
 def recall(found: np.ndarray, exact: np.ndarray) -> float:
@@ -40,10 +47,8 @@ def timed_search(index, queries: np.ndarray, k: int) -> tuple[float, np.ndarray]
 
 def faiss_case(count: int, dim: int, factory: str, budget, queries: int, gpus: int) -> tuple:
     """One RESULTS.md row (setup, GPU, CPU, ratios) for `count` x `dim` and the recipe auto picks."""
-    import faiss
-
     from system.index.build import train_index, train_sample_size
-    from system.index.recipes import choose_factory
+    from system.index.recipes import choose_factory, new_index
 
     string = choose_factory(factory, count, dim, budget)[0]
     base, query = mixture(count, dim, 1), mixture(queries, dim, 2)
@@ -53,16 +58,16 @@ def faiss_case(count: int, dim: int, factory: str, budget, queries: int, gpus: i
     params = "nprobe=32" if "IVF" in string else "efSearch=64" if "HNSW" in string else ""
 
     def build(on_gpu: bool) -> tuple[object, float]:
-        index = faiss.index_factory(dim, string, faiss.METRIC_INNER_PRODUCT)
+        index = new_index(dim, string, "ip")  # as `repforge index build` makes it
         sample = base[: train_sample_size(index, count)]
         start = time.perf_counter()
         if on_gpu:
             train_index(index, sample, string)  # k-means on the GPUs
         elif not index.is_trained:
             index.train(sample)
-        index.add(base)
+        index.add_with_ids(base, np.arange(count))
         if params:
-            faiss.ParameterSpace().set_index_parameters(index, params)
+            faiss.ParameterSpace().set_index_parameters(inner(index), params)
         return index, time.perf_counter() - start
 
     cpu_index, cpu_build = build(False)
@@ -76,7 +81,11 @@ def faiss_case(count: int, dim: int, factory: str, budget, queries: int, gpus: i
     ratios = [f"build x{cpu_build / gpu_build:.2f}"]
     try:
         resources = faiss.StandardGpuResources()
-        on_gpu = faiss.index_cpu_to_gpu(resources, 0, gpu_index)
+        cpu_side = inner(gpu_index)  # ids are positions: the id map is not needed on the GPU
+        ivf = faiss.try_extract_index_ivf(cpu_side)
+        if ivf is not None:
+            ivf.set_direct_map_type(faiss.DirectMap.NoMap)  # GPU IVF indexes keep none
+        on_gpu = faiss.index_cpu_to_gpu(resources, 0, cpu_side)
         if "IVF" in string:
             faiss.GpuParameterSpace().set_index_parameters(on_gpu, params)
         gpu_qps, gpu_ids = timed_search(on_gpu, query, 10)

@@ -23,7 +23,8 @@ import torch
 from ray import serve
 
 from serve.errors import InvalidImage, VersionMismatch
-from system.data.transforms import decode_threads, eval_transform, images_to_tensor
+from system.data.device_decode import images_to_device
+from system.data.transforms import decode_threads, eval_transform
 
 log = logging.getLogger("ray.serve")
 
@@ -52,12 +53,13 @@ def load_version(uri: str, device: str) -> ModelVersion:
     return ModelVersion(uri, model, meta, eval_transform(meta["preprocessing"]), class_names)
 
 
-def decode_request(images: list[bytes], transform) -> np.ndarray:
-    """images_to_tensor, or InvalidImage naming the first image that does not decode."""
+def decode_request(images: list[bytes], transform, device: str = "cpu") -> torch.Tensor:
+    """images_to_device (JPEGs decoded on a GPU replica's GPU), or InvalidImage naming the first
+    image that does not decode."""
     from system.data.dataset import check_image
 
     try:
-        return images_to_tensor(images, transform, decode_threads())
+        return images_to_device(images, transform, device, decode_threads())
     except Exception:
         for i, data in enumerate(images):
             reason = check_image(data)
@@ -125,8 +127,8 @@ class EmbedderDeployment:
         # Decoding and resizing stay off the event loop so the batcher keeps collecting. This is
         # each image's only full decode (the ingress reads headers only); a bad one fails just
         # this request, before it joins a batch.
-        decode = functools.partial(decode_request, images, version.transform)
-        tensor = torch.from_numpy(await asyncio.to_thread(decode))
+        decode = functools.partial(decode_request, images, version.transform, self.device)
+        tensor = await asyncio.to_thread(decode)
         # A request larger than one batch is split; each chunk queues like a small request.
         chunks = torch.split(tensor, self.max_batch_size)
         outs = await asyncio.gather(*(batched((version, chunk)) for chunk in chunks))
