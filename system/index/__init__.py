@@ -2,6 +2,8 @@
 
 recipes.py  which FAISS recipe for a size, metric and memory budget
 build.py    build_index: embeddings folder -> index folder (sharded, Ray tasks)
+reading.py  streaming reads of the embeddings (footers, batches, samples, id map)
+partition.py  a sharded build's one read: rows to per-shard staging files (Ray tasks)
 tune.py     operating points: search parameters against measured recall and QPS
 api.py      VectorIndex / open_index: search (filtered too), update
 filters.py  metadata filters: parse_filter (FilterError), masks over the attribute columns

@@ -11,7 +11,9 @@ An index is a folder (the Index contract in DESIGN.md), always published whole w
                     --shards N, index-00000.faiss ... one per shard, split by id hash
     index*.ivfdata  with --on-disk: the memory-mapped inverted lists of each shard
     ids.parquet     the id map: string `id`, int64 `faiss_id` (the label FAISS returns) and
-                    the passthrough columns of the embeddings (label, ...); with --shards N,
+                    the passthrough columns of the embeddings (label, ...), the columnar
+                    attribute store that `search(..., filter=...)` filters on (add() and
+                    remove() keep it in step with the vectors); with --shards N,
                     ids-00000.parquet ... one per shard, each written by its shard's build
                     task (indexes built before per-shard id maps have one ids.parquet:
                     they still open, and save() writes them in the per-shard layout)

@@ -54,23 +54,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from system import storage
-from system.embed.batch import EmbedError
 from system.index.api import VectorIndex
 from system.index.auto import DEFAULT_TUNE_SECONDS, auto_sample_rows, select_factory
 from system.index.files import IDS_FILE, MANIFEST_FILE, combine_shards, id_files, load_idmap, read_shards
 from system.index.filtered import tune_filtered
+from system.index.partition import PARTITION_DIR, _ray_map, run_partition
+from system.index.reading import iter_batches, read_idmap, read_sample, scan
 from system.index.recipes import (
     METRICS,
     IndexInputError,
-    as_matrix,
     choose_factory,
     default_budget,
     faiss_reason,
     few,
     new_index,
     parse_bytes,
-    shard_of,
-    unique_ids,
 )
 from system.index.tune import (
     TUNE_K,
@@ -82,7 +80,6 @@ from system.index.tune import (
     sweep,
 )
 
-BATCH_ROWS = 65_536  # bounds the temporary memory per Parquet batch and per FAISS add call
 TRAIN_SAMPLE = 100_000  # PQ codebooks and small coarse quantizers gain little from more points
 POINTS_PER_CENTROID = 40  # k-means needs about this many per list (FAISS warns below 39)
 ONDISK_BLOCK = 1_000_000  # vectors per in-RAM block before it is merged into the on-disk lists
@@ -92,79 +89,6 @@ ONDISK_BLOCK = 1_000_000  # vectors per in-RAM block before it is merged into th
 # stand for every shard's, and a billion-vector build never needs the whole index in the driver.
 TUNE_WHOLE_INDEX_BYTES = 8 << 30
 FILTER_TUNE_MAX_ROWS = 5_000_000  # filtered tuning decodes up to half the vectors for its ground truth
-PARTITION_DIR = ".partition"  # staging files of a sharded build, inside the temporary index folder
-
-
-def _parquet(path: str) -> pq.ParquetFile:
-    fs, local = storage.filesystem(path)
-    return pq.ParquetFile(fs.open_input_file(local))
-
-
-def scan(uri: str) -> tuple[list[str], np.ndarray, pa.Schema, dict]:
-    """(files, row counts, schema, schema metadata) from the Parquet footers alone."""
-    files = storage.parquet_files(uri)
-    footers = [_parquet(f) for f in files]
-    schema = footers[0].schema_arrow
-    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
-    if "embedding" not in schema.names or "id" not in schema.names:
-        raise EmbedError(f"not an embeddings dataset (needs id and embedding columns): {uri}")
-    if not pa.types.is_fixed_size_list(schema.field("embedding").type):
-        raise EmbedError(f"embedding column of {uri} is not a fixed_size_list<float32>[d]")
-    return files, np.array([f.metadata.num_rows for f in footers], np.int64), schema, meta
-
-
-def _vectors(batch: pa.RecordBatch) -> np.ndarray:
-    embedding = batch.column("embedding")
-    dim = embedding.type.list_size
-    return as_matrix(embedding.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim), dim)
-
-
-def iter_batches(files: list[str], counts: np.ndarray | None):
-    """(labels, vectors, Arrow batch) per batch.
-
-    With row `counts`, `files` are embeddings read for their vectors alone, and a row's
-    label is its position in the dataset. With counts None they are staging files of a
-    sharded build, read whole, and the label is their `faiss_id` column.
-    """
-    columns = ["embedding"] if counts is not None else None
-    offsets = np.concatenate([[0], np.cumsum(counts)])[:-1] if counts is not None else [None] * len(files)
-    for path, first in zip(files, offsets, strict=True):
-        start = None if first is None else int(first)
-        for batch in _parquet(path).iter_batches(batch_size=BATCH_ROWS, columns=columns):
-            if start is None:
-                labels = batch.column("faiss_id").to_numpy()
-            else:
-                labels = np.arange(start, start + batch.num_rows, dtype=np.int64)
-                start += batch.num_rows
-            yield labels, _vectors(batch), batch
-
-
-def _sample_positions(total: int, size: int, seed: int = 0) -> np.ndarray:
-    return np.sort(np.random.default_rng(seed).choice(total, min(size, total), replace=False))
-
-
-def _take_sample(chosen: np.ndarray, labels: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """The rows of a batch of consecutive labels whose label is in `chosen` (sorted)."""
-    lo, hi = np.searchsorted(chosen, [labels[0], labels[-1] + 1]) if len(labels) else (0, 0)
-    return vectors[chosen[lo:hi] - labels[0]]
-
-
-def read_sample(files: list[str], counts: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
-    """A uniform sample of rows, in one streaming pass (no more than `size` rows held)."""
-    chosen = _sample_positions(int(counts.sum()), size, seed)
-    return np.concatenate([_take_sample(chosen, labels, v) for labels, v, _ in iter_batches(files, counts)])
-
-
-def read_idmap(files: list[str], schema: pa.Schema) -> pa.Table:
-    """Ids and passthrough columns (never the vectors), with `faiss_id` = the row's label."""
-    columns = [c for c in schema.names if c != "embedding"]
-    table = pq.read_table(files if len(files) > 1 else files[0], columns=columns)
-    ids = unique_ids(table.column("id").to_pylist())
-    rest = table.drop_columns(["id"])
-    idmap = pa.table({"id": pa.array(ids, pa.string()), "faiss_id": np.arange(len(ids), dtype=np.int64)})
-    for name in rest.column_names:
-        idmap = idmap.append_column(name, rest.column(name))
-    return idmap
 
 
 def train_sample_size(index: faiss.Index, count: int) -> int:
@@ -191,83 +115,6 @@ def train_index(index: faiss.Index, sample: np.ndarray, factory: str) -> None:
 
 def shard_file(shard: int, num_shards: int, suffix: str = "faiss") -> str:
     return f"index.{suffix}" if num_shards == 1 else f"index-{shard:05d}.{suffix}"
-
-
-def staging_file(folder: str, shard: int, reader: int) -> str:
-    return str(Path(folder) / PARTITION_DIR / f"{shard:05d}-{reader:05d}.parquet")
-
-
-def staging_schema(schema: pa.Schema) -> pa.Schema:
-    """Staging rows: string id, label, passthrough columns, then the vector (dropped for the id map)."""
-    rest = [schema.field(c) for c in schema.names if c not in ("id", "embedding")]
-    return pa.schema([("id", pa.string()), ("faiss_id", pa.int64()), *rest, schema.field("embedding")])
-
-
-def reader_parts(files: list[str], readers: int) -> list[tuple[list[tuple[str, list[int]]], int, int]]:
-    """At most `readers` contiguous runs of row groups, about equal in rows.
-
-    Each is ([(file, row groups)], first label, rows); a row group is never split, so a
-    dataset of fewer row groups gets fewer readers.
-    """
-    groups = []
-    for path in files:
-        meta = _parquet(path).metadata
-        groups += [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
-    total = max(sum(rows for *_, rows in groups), 1)
-    parts: dict[int, list] = {}
-    start = 0
-    for path, group, rows in groups:
-        part = parts.setdefault(start * readers // total, [[], start, 0])
-        if part[0] and part[0][-1][0] == path:
-            part[0][-1][1].append(group)
-        else:
-            part[0].append((path, [group]))
-        part[2] += rows
-        start += rows
-    return [tuple(p) for p in parts.values()]
-
-
-def partition(
-    reader: int,
-    runs: list[tuple[str, list[int]]],
-    first: int,
-    chosen: np.ndarray,
-    num_shards: int,
-    folder: str,
-    schema: pa.Schema,
-    progress: bool = False,
-) -> dict:
-    """Stream `runs` once, writing each row to its shard's staging file; keep the sample rows.
-
-    Writes one file per shard (empty ones too, so every shard has files to read) and
-    returns the rows read and the rows of `chosen` (sorted labels) in this part.
-    """
-    writers = [
-        pq.ParquetWriter(staging_file(folder, s, reader), schema, compression="none", use_dictionary=False)
-        for s in range(num_shards)
-    ]
-    columns = [c for c in schema.names if c != "faiss_id"]
-    label, sample = first, []
-    try:
-        for path, groups in runs:
-            batches = _parquet(path).iter_batches(batch_size=BATCH_ROWS, row_groups=groups, columns=columns)
-            for batch in batches:
-                labels = np.arange(label, label + batch.num_rows, dtype=np.int64)
-                label += batch.num_rows
-                sample.append(_take_sample(chosen, labels, _vectors(batch)))
-                arrays = [batch.column(c) for c in columns]
-                arrays[0] = arrays[0].cast(pa.string())
-                rows = pa.RecordBatch.from_arrays([arrays[0], pa.array(labels), *arrays[1:]], schema=schema)
-                where = shard_of(arrays[0].to_pylist(), num_shards)
-                for s in np.unique(where):
-                    writers[s].write_batch(rows.filter(pa.array(where == s)))
-                if progress and (label - first) // 1_000_000 > (label - first - batch.num_rows) // 1_000_000:
-                    print(f"index partition {reader}: {label - first} rows", flush=True)
-    finally:
-        for writer in writers:
-            writer.close()
-    dim = schema.field("embedding").type.list_size
-    return {"rows": label - first, "sample": np.concatenate([np.zeros((0, dim), np.float32), *sample])}
 
 
 def _check_unique(files: list[str]) -> None:
@@ -364,67 +211,6 @@ def _merge_on_disk(trained, blocks: list[str], folder: str, shard: int, num_shar
     return index
 
 
-def _ray_map(function, calls: list[tuple], on_driver_node: bool = False) -> list:
-    """Run `function(*args)` for each args as Ray tasks; a user error in any is re-raised as is.
-
-    `on_driver_node`: the tasks write into a folder only this machine sees (the local staging
-    folder of a remote --out), so they must all run here, not on other nodes of a cluster.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from system.ray_env import ensure_ray
-
-    ensure_ray()
-    task = ray.remote(function)
-    if on_driver_node:
-        here = ray.get_runtime_context().get_node_id()
-        task = task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
-    futures = [task.remote(*args) for args in calls]
-    try:
-        return ray.get(futures)
-    except BaseException as e:
-        # The others must end before the caller removes the folder they write into. On a
-        # task's error they run to their end: ray.cancel on a task that is just finishing
-        # can abort this process (a Ray check failure, "Tried to complete task that was not
-        # pending", ray-project/ray#54846; it crashed a test run here). On Ctrl-C they are
-        # cancelled, as the process is ending anyway.
-        if isinstance(e, KeyboardInterrupt):
-            for future in futures:
-                ray.cancel(future)
-        ray.wait(futures, num_returns=len(futures), timeout=None if isinstance(e, Exception) else 60)
-        if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, ValueError):
-            raise e.cause from None  # a user error inside a task: one line, as in-process
-        raise
-
-
-def run_partition(
-    files: list[str],
-    count: int,
-    sample_size: int,
-    num_shards: int,
-    folder: str,
-    schema: pa.Schema,
-    progress: bool,
-    on_driver_node: bool = False,
-):
-    """Run the partition tasks: (staging files per shard, training sample, rows read)."""
-    import ray
-
-    (Path(folder) / PARTITION_DIR).mkdir()
-    chosen = _sample_positions(count, sample_size)
-    parts = reader_parts(files, num_shards)
-    schema_ref = ray.put(staging_schema(schema))
-    calls = []
-    for reader, (runs, first, rows) in enumerate(parts):
-        mine = chosen[np.searchsorted(chosen, first) : np.searchsorted(chosen, first + rows)]
-        calls.append((reader, runs, first, mine, num_shards, folder, schema_ref, progress))
-    results = _ray_map(partition, calls, on_driver_node)
-    staged = [[staging_file(folder, s, r) for r in range(len(parts))] for s in range(num_shards)]
-    sample = np.concatenate([r["sample"] for r in results])
-    return staged, sample, sum(r["rows"] for r in results)
-
-
 def _run_shards(num_shards: int, files, counts, args: tuple, on_driver_node: bool = False) -> list[dict]:
     """Build every shard: in-process over the embeddings, or Ray tasks over their staging files."""
     if num_shards == 1:
@@ -444,6 +230,39 @@ def _prefix_dim(prefix_dim: int | None, meta: dict, dim: int, factory: str, room
     if prefix_dim and not 0 < prefix_dim < dim:
         raise IndexInputError(f"--prefix-dim {prefix_dim}: must be between 1 and {dim - 1}")
     return prefix_dim
+
+
+def _tune(staging: Path, manifest: dict, results: list[dict], queries, idmap, tune_seconds: float) -> None:
+    """Operating points (unfiltered, then filtered) into `manifest`, measured on the staged shards."""
+    # The sweep needs the FAISS shards only, never the id maps.
+    index_bytes = sum(os.path.getsize(staging / name) for name in manifest["files"])  # ~ its RAM
+    if manifest["shards"] > 1 and index_bytes > TUNE_WHOLE_INDEX_BYTES:
+        searcher = read_shards(staging, {**manifest, "files": manifest["files"][:1]})[0]
+        truth, tuned_count = results[0]["labels"], results[0]["count"]
+        manifest["tuned_on"] = f"shard 0 of {manifest['shards']}"
+    else:
+        heap = exact_heap(queries, manifest["metric"])
+        for result in results:
+            heap.add_result(result["scores"], result["labels"])
+        heap.finalize()
+        searcher = combine_shards(manifest["dim"], read_shards(staging, manifest))
+        truth, tuned_count = heap.I, manifest["count"]
+        manifest["tuned_on"] = "all shards"
+    points = sweep(searcher, queries, truth) if tuned_count > TUNE_K else []
+    manifest["operating_points"] = points
+    manifest["search_params"] = (pick_point(points, manifest["target_recall"]) or {}).get("params", {})
+    if manifest["tuned_on"] == "all shards" and manifest["count"] <= FILTER_TUNE_MAX_ROWS:
+        rows_shard = None
+        if idmap is None:
+            idmap, rows_shard = load_idmap(staging, manifest)
+        shard_list = (
+            [searcher] if manifest["shards"] == 1 else [searcher.at(s) for s in range(manifest["shards"])]
+        )
+        vindex = VectorIndex(shard_list, idmap, manifest, shard_of_row=rows_shard)
+        manifest["filter_points"] = tune_filtered(
+            vindex, queries, manifest["target_recall"], min(60.0, tune_seconds)
+        )
+        del vindex
 
 
 def build_index(
@@ -565,31 +384,7 @@ def build_index(
         }
         if auto_record is not None:
             manifest["auto"] = auto_record
-        # The sweep needs the FAISS shards only, never the id maps.
-        index_bytes = sum(os.path.getsize(staging / name) for name in manifest["files"])  # ~ its RAM
-        if shards > 1 and index_bytes > TUNE_WHOLE_INDEX_BYTES:
-            searcher = read_shards(staging, {**manifest, "files": manifest["files"][:1]})[0]
-            truth, tuned_count = results[0]["labels"], results[0]["count"]
-            manifest["tuned_on"] = f"shard 0 of {shards}"
-        else:
-            heap = exact_heap(queries, metric)
-            for result in results:
-                heap.add_result(result["scores"], result["labels"])
-            heap.finalize()
-            searcher = combine_shards(dim, read_shards(staging, manifest))
-            truth, tuned_count = heap.I, count
-            manifest["tuned_on"] = "all shards"
-        points = sweep(searcher, queries, truth) if tuned_count > TUNE_K else []
-        manifest["operating_points"] = points
-        manifest["search_params"] = (pick_point(points, target_recall) or {}).get("params", {})
-        if manifest["tuned_on"] == "all shards" and count <= FILTER_TUNE_MAX_ROWS:
-            rows_shard = None
-            if idmap is None:
-                idmap, rows_shard = load_idmap(staging, manifest)
-            shard_list = [searcher] if shards == 1 else [searcher.at(s) for s in range(shards)]
-            vindex = VectorIndex(shard_list, idmap, manifest, shard_of_row=rows_shard)
-            manifest["filter_points"] = tune_filtered(vindex, queries, target_recall, min(60.0, tune_seconds))
-            del vindex
-        del searcher, idmap
+        _tune(staging, manifest, results, queries, idmap, tune_seconds)
+        del idmap
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return manifest
