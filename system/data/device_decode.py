@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from system.data.dataset import MAX_IMAGE_PIXELS
-from system.data.transforms import images_to_tensor
+from system.data.transforms import decode_threads, images_to_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -270,7 +270,7 @@ def device_batch(batch: dict, pre: dict, mode: str, hflip: bool, seed: int | Non
     images = list(batch["image"])
     if mode != "ssl":
         transform = _cached_transform(_json(pre), "eval", hflip)
-        out["image"] = images_to_device(images, transform, device, gpu_decode=True)
+        out["image"] = images_to_device(images, transform, device, decode_threads(), gpu_decode=True)
         return out
     transform = _cached_transform(_json(pre), "ssl", hflip)
     decoded = decode_to_uint8(images, device)

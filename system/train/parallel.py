@@ -58,7 +58,9 @@ def apply_fsdp(module: nn.Module, train_cfg, device: torch.device, bf16: bool | 
         timm_model(backbone).set_grad_checkpointing(True)  # timm recomputes each block in backward
     blocks = residual_blocks(backbone)
     compile_blocks(module, train_cfg, device)
-    options = {"mesh": mesh}
+    # One rank holds every parameter whole anyway: re-gathering (re-casting to bf16) each block
+    # for the backward would only cost time there. Across ranks, resharding saves the memory.
+    options = {"mesh": mesh, "reshard_after_forward": dist.get_world_size() > 1}
     if train_cfg.cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
     if bf16:
