@@ -34,6 +34,7 @@ QUERY_ROWS = 200  # held-out rows used as queries
 TINY_COUNT = 2_000  # at or below: exact search (a query scans this many vectors in microseconds)
 DEFAULT_TUNE_SECONDS = 120.0
 
+# Measured in registration order, so under a tight --tune-seconds the usual winners go first.
 CANDIDATES: dict[str, Callable[[int, int], tuple[str, float]]] = {}
 
 
@@ -60,26 +61,26 @@ def exact(count: int, dim: int):
     return "Flat", 4 * dim + ID_BYTES
 
 
-@candidate("hnsw_sq8")
-def hnsw_sq8(count: int, dim: int):
-    # 32 links at level 0 (int32) plus the upper levels, 8-bit codes, the id map.
-    return "HNSW32,SQ8", dim + 4 * 2 * 32 * 1.05 + 2 * ID_BYTES
-
-
 @candidate("ivf_pqfs_refine")
 def ivf_pqfs_refine(count: int, dim: int):
     m = _even_divisor(dim, max(2, dim // 2))
     return f"IVF{nlist_for(count)},PQ{m}x4fs,Refine(SQ8)", m / 2 + dim + 3 * ID_BYTES
 
 
-@candidate("ivf_rabitq_refine")
-def ivf_rabitq_refine(count: int, dim: int):
-    return f"IVF{nlist_for(count)},RaBitQ,Refine(SQ8)", dim / 8 + 8 + dim + 3 * ID_BYTES
+@candidate("hnsw_sq8")
+def hnsw_sq8(count: int, dim: int):
+    # 32 links at level 0 (int32) plus the upper levels, 8-bit codes, the id map.
+    return "HNSW32,SQ8", dim + 4 * 2 * 32 * 1.05 + 2 * ID_BYTES
 
 
 @candidate("ivf_sq8")
 def ivf_sq8(count: int, dim: int):
     return f"IVF{nlist_for(count)},SQ8", dim + ID_BYTES
+
+
+@candidate("ivf_rabitq_refine")
+def ivf_rabitq_refine(count: int, dim: int):
+    return f"IVF{nlist_for(count)},RaBitQ,Refine(SQ8)", dim / 8 + 8 + dim + 3 * ID_BYTES
 
 
 def estimate(name: str, count: int, dim: int) -> tuple[str, int]:
@@ -153,11 +154,12 @@ def select_factory(
     measured, skipped = [], []
     for n, name in enumerate(fits):
         left = deadline - time.perf_counter()
-        if left <= 0:
+        if left <= 0 and measured:  # the first candidate is always measured
             skipped.append(name)
             continue
         try:
-            measured.append(_measure(name, base, queries, truth, metric, count, left / max(1, len(fits) - n)))
+            budget_s = max(left, 0.1) / max(1, len(fits) - n)
+            measured.append(_measure(name, base, queries, truth, metric, count, budget_s))
         except RuntimeError as e:  # a recipe FAISS cannot train on this sample (too few rows)
             skipped.append(f"{name} ({str(e).splitlines()[-1][:80]})")
     return _decide(measured, skipped, fits, count, len(base), len(queries), target_recall)
@@ -169,6 +171,10 @@ def _at_target(c: dict, target: float) -> dict | None:
 
 
 def _decide(measured, skipped, fits, count, base_rows, query_rows, target) -> tuple[str, str, int, dict]:
+    if not measured:
+        raise IndexInputError(
+            f"auto: no candidate recipe could be built on the sample ({', '.join(skipped)})"
+        )
     for c in measured:
         c["at_target"] = _at_target(c, target)
     good = [c for c in measured if c["at_target"]]
