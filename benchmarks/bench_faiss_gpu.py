@@ -1,6 +1,6 @@
-"""FAISS on the CPU vs the GPU for one auto recipe: build time, search rate and recall@10.
+"""FAISS on the CPU vs the GPU for one `--factory auto` candidate: build time, search rate, recall@10.
 
-    python benchmarks/gpu_suite.py --only faiss     # runs faiss_case for the auto recipes
+    python benchmarks/gpu_suite.py --only faiss     # runs faiss_case for every auto candidate
 
 Data: unit vectors around 1,000 random centres (inner product, as `repforge index build`
 indexes normalised embeddings); queries are other points of the same mixture. Recall@10 is
@@ -9,8 +9,8 @@ against an exact Flat search of the same queries.
 - GPU build: the same index trained by system.index.build.train_index, which runs k-means on
   the GPUs when FAISS sees any (what `repforge index build` does), then filled on the CPU;
 - GPU search: the CPU-built index moved with index_cpu_to_gpu, where FAISS has a GPU index of
-  its kind (Flat, IVF-Flat, IVF-PQ; not HNSW, whose GPU counterpart CAGRA needs a cuVS build,
-  nor Refine). Search parameters: nprobe 32 (IVF), efSearch 64 (HNSW).
+  its kind (Flat, IVF-SQ8; not fast-scan PQ, RaBitQ, Refine or HNSW, whose GPU counterpart
+  CAGRA needs a cuVS build). Search parameters: nprobe 32 (IVF), efSearch 64 (HNSW), 4k re-ranked (Refine).
 """
 
 from __future__ import annotations
@@ -45,17 +45,19 @@ def timed_search(index, queries: np.ndarray, k: int) -> tuple[float, np.ndarray]
     return len(queries) / (time.perf_counter() - start), ids
 
 
-def faiss_case(count: int, dim: int, factory: str, budget, queries: int, gpus: int) -> tuple:
-    """One RESULTS.md row (setup, GPU, CPU, ratios) for `count` x `dim` and the recipe auto picks."""
+def faiss_case(candidate: str, count: int, dim: int, queries: int, gpus: int) -> tuple:
+    """One RESULTS.md row (setup, GPU, CPU, ratios): auto `candidate` on `count` x `dim`."""
+    from system.index.auto import estimate
     from system.index.build import train_index, train_sample_size
-    from system.index.recipes import choose_factory, new_index
+    from system.index.recipes import new_index
 
-    string = choose_factory(factory, count, dim, budget)[0]
+    string = estimate(candidate, count, dim)[0]
     base, query = mixture(count, dim, 1), mixture(queries, dim, 2)
     exact = faiss.IndexFlatIP(dim)
     exact.add(base)
     _, truth = exact.search(query, 10)
     params = "nprobe=32" if "IVF" in string else "efSearch=64" if "HNSW" in string else ""
+    params += ",k_factor_rf=4" if "Refine" in string else ""  # re-rank 4k candidates
 
     def build(on_gpu: bool) -> tuple[object, float]:
         index = new_index(dim, string, "ip")  # as `repforge index build` makes it
@@ -73,7 +75,8 @@ def faiss_case(count: int, dim: int, factory: str, budget, queries: int, gpus: i
     cpu_index, cpu_build = build(False)
     cpu_qps, cpu_ids = timed_search(cpu_index, query, 10)
     cpu = f"CPU: build {cpu_build:.1f} s, {cpu_qps:.0f} queries/s, recall@10 {recall(cpu_ids, truth):.3f}"
-    setup = f"faiss {count} x {dim} (clustered, inner product), auto -> {string}, {queries} queries, k=10"
+    setup = f"faiss auto candidate {candidate} ({string}), {count} x {dim} clustered, inner product"
+    setup += f", {queries} queries"
     if not gpus:
         return setup, "GPU: not measured (FAISS sees no GPU)", cpu, "-"
     gpu_index, gpu_build = build("IVF" in string)  # only IVF recipes train k-means

@@ -11,9 +11,9 @@ Measured, each against a baseline from the same run (benchmarks/bench_gpu.py has
 - train: images/s and MFU of resnet50, ViT-S/16 and ViT-B/16 at 224 px, bf16, compiled, under
   DDP and FSDP2 (one-rank group; goals: MFU >= 35% for the ViTs, FSDP2 >= 0.9x DDP), and DDP
   without torch.compile;
-- faiss: the auto recipes' build and search (10k queries, k=10, recall@10 against exact) on the
-  CPU vs the GPU (k-means on the GPU as `repforge index build` runs it; search through
-  index_cpu_to_gpu where FAISS has a GPU index of that kind);
+- faiss: each `--factory auto` candidate's build and search (200k x 256, 10k queries, k=10,
+  recall@10 against exact) on the CPU vs the GPU (k-means on the GPU as `repforge index build`
+  runs it; search through index_cpu_to_gpu where FAISS has a GPU index of that kind);
 - serve: /v1/embed images/s over HTTP on loopback (Ray Serve, GPU replica) vs embed_images in-process.
 
 On a development session's GPU machine (the device tool: PyTorch, timm and peft there; no Ray,
@@ -75,12 +75,7 @@ class Sizes:
     train_batch: int = 256
     train_steps: int = 10
     eager_baseline: tuple = ("resnet50",)  # the compile gain, measured once
-    # (vectors, dim, factory or "auto", memory budget for auto in bytes)
-    faiss_cases: tuple = (
-        (20_000, 768, "auto", None),
-        (200_000, 128, "auto", None),
-        (500_000, 128, "auto", 2**27),  # a 128 MiB budget: auto picks IVF-PQ with a refine stage
-    )
+    faiss_data: tuple = (200_000, 256)  # vectors, dim: every `--factory auto` candidate builds on them
     queries: int = 10_000
     serve_requests: int = 96
     serve_per_request: int = 16
@@ -89,7 +84,7 @@ class Sizes:
     repeats: int = 3  # timed windows per measurement (the median is reported)
     # Seconds each measurement is expected to take on one H100/H200 (compilation included).
     cost: dict = field(
-        default_factory=lambda: {"embed": 40, "train": 45, "faiss": 40, "serve": 60, "input": 15}
+        default_factory=lambda: {"embed": 40, "train": 45, "faiss": 25, "serve": 60, "input": 15}
     )
 
 
@@ -105,7 +100,7 @@ DRY = Sizes(
     train_batch=4,
     train_steps=1,
     eager_baseline=("test_resnet",),
-    faiss_cases=((2_000, 32, "Flat", None), (2_000, 32, "HNSW16", None), (2_000, 32, "IVF16,PQ4x4", None)),
+    faiss_data=(2_000, 32),
     queries=100,
     serve_requests=4,
     serve_per_request=2,
@@ -269,9 +264,12 @@ def run_faiss(suite: Suite) -> None:
         faiss.omp_set_num_threads(1)
     if not gpus:
         suite.skipped.append("faiss GPU side: this FAISS sees no GPU (a CPU-only wheel, or no GPU here)")
-    for case in suite.sizes.faiss_cases:
-        run = lambda c=case: faiss_case(*c, suite.sizes.queries, gpus)  # noqa: E731
-        r = suite.attempt(f"faiss {case[:3]}", "faiss", run)
+    from system.index.auto import CANDIDATES
+
+    count, dim = suite.sizes.faiss_data
+    for name in CANDIDATES:
+        run = lambda n=name: faiss_case(n, count, dim, suite.sizes.queries, gpus)  # noqa: E731
+        r = suite.attempt(f"faiss {name}", "faiss", run)
         if r:
             suite.row(*r)
 

@@ -35,7 +35,9 @@ def test_dry_run_runs_every_measurement_and_writes_no_rows(tmp_path):
     assert any(s.startswith("embed test_resnet") for s in setups), out
     assert any(s.startswith("train.gpu_decode input") for s in setups), out
     assert sum(s.startswith("train test_") for s in setups) == 2, out  # test_resnet, test_vit
-    assert sum(s.startswith("faiss ") for s in setups) == 3, out
+    from system.index.auto import CANDIDATES
+
+    assert sum(s.startswith("faiss auto candidate") for s in setups) == len(CANDIDATES), out
     assert any(s.startswith("/v1/embed") for s in setups), out
     # The training rows hold DDP and FSDP2 alike.
     train_rows = [row for row in rows if " | train test_" in row]
