@@ -79,7 +79,8 @@ def faiss_case(candidate: str, count: int, dim: int, queries: int, gpus: int) ->
     setup += f", {queries} queries"
     if not gpus:
         return setup, "GPU: not measured (FAISS sees no GPU)", cpu, "-"
-    gpu_index, gpu_build = build("IVF" in string)  # only IVF recipes train k-means
+    # Only IVF recipes have a GPU step in their build (k-means); the others are built once.
+    gpu_index, gpu_build = build(True) if "IVF" in string else (cpu_index, cpu_build)
     gpu = [f"GPU: build {gpu_build:.1f} s{' (k-means on the GPU)' if 'IVF' in string else ' (no GPU step)'}"]
     ratios = [f"build x{cpu_build / gpu_build:.2f}"]
     try:
