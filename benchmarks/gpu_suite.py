@@ -340,7 +340,7 @@ def serve_rates(s: Sizes, device) -> dict:
             log_to_driver=False,
             _temp_dir=ray_dir,
         )
-    cpus = max(1, (os.cpu_count() or 2) - 2)
+    cpus = max(1, (os.cpu_count() or 2) // 2)  # the ingress and the other deployments need some
     app = {"model": str(work / "model"), "max_batch_size": s.batch, "batch_wait_timeout_s": 0.005}
     app.update(max_queued_requests=-1, max_images=max(64, s.serve_per_request), replica_cpus=cpus)
     try:
