@@ -1,252 +1,241 @@
-"""Serving overhead: /v1/embed throughput and /v1/search latency vs the same work in-process.
+"""/v1/search by vector through Ray Serve vs a bare FastAPI + uvicorn process with FAISS in-process,
+and the effect of each Ray Serve setting on its own (embedding: bench_serve_embed.py).
 
-    .venv/bin/python benchmarks/bench_serve.py [--model test_resnet] [--requests 600] [--repeats 3]
-    .venv/bin/python benchmarks/bench_serve.py --model resnet18 --image-size 224 --requests 200
-    python benchmarks/bench_serve.py --model resnet50 --image-size 224 --jpeg-size 320 \
-        --images-per-request 16 --replica-cpus 12 --batch-size 256 --requests 200   # a GPU machine
+    .venv/bin/python benchmarks/bench_serve.py              # every setup below, ~2 min each on 2 CPUs
+    .venv/bin/python benchmarks/bench_serve.py --setups hop ingress haproxy --requests 300
 
-Measured in one run, on loopback, with a bounded asyncio httpx load generator (a fixed
-request count, `--concurrency` in flight):
-- /v1/embed images/s at saturation (--images-per-request per request, dynamic batching up
-  to --batch-size) vs a bare in-process loop (decode on all CPU threads + preprocess +
-  forward; on the GPU at bf16 when there is one) at the same batch size; and the same app
-  with max_batch_size=1, for the gain of dynamic batching.
-- /v1/search by vector (k=10, one request at a time) p50/p99 vs VectorIndex.search in
-  process; the difference of the p50s is the serving overhead in ms. GET /v1/health, which
-  the ingress answers itself, splits it: proxy + ingress against the hop to the retriever;
-  and a one-route FastAPI app on the same Serve instance gives Ray Serve's own floor.
-Medians of --repeats; rows are appended to benchmarks/RESULTS.md with the machine.
+The baseline is what users write instead (clip-retrieval's back end is such an app): one
+uvicorn process, the same index opened with system.index.open_index, the same JSON answer
+(hits with metadata). Each setup runs in its own process with its own local Ray instance,
+since Ray Serve reads its settings (environment variables) when its processes start:
+
+    hop         search in the retriever deployment: ingress -> retriever hop (ingress_search=off)
+    ingress     search inside the ingress replica, batched (ingress_search=on): no hop
+    grpc        hop, with RAY_SERVE_USE_GRPC_BY_DEFAULT=1 (gRPC between deployments)
+    throughput  ingress, with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (user code + router on one loop, ...)
+    haproxy     ingress, with RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy, direct ingress to replicas)
+    all         ingress, HAProxy and throughput-optimized together
+
+Measured by one asyncio httpx client in this process against each server in turn, on
+loopback, bounded request counts: p50/p99 of --requests sequential requests (1 client),
+requests/s with --clients in flight. Each setup's ratio is against the bare process measured
+right before it (it stays up); rows go to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
+import json
 import os
-import statistics
+import signal
+import subprocess
+import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
-from bench_decode import photo_like_jpegs  # benchmarks/ (scripts run by path)
-from common import machine
+from common import append_row  # benchmarks/ (scripts run by path)
+from fastapi import Request  # at module level: FastAPI resolves the bare handler's annotation here
 
 ROOT = Path(__file__).resolve().parents[1]
+SETUPS = {
+    "hop": ({}, "off"),
+    "ingress": ({}, "on"),
+    "grpc": ({"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}, "off"),
+    "throughput": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, "on"),
+    "haproxy": ({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, "on"),
+    "all": ({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, "on"),
+}
+SERVE_FLAGS = ("RAY_SERVE_USE_GRPC_BY_DEFAULT", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY")
 
 
-async def load(url: str, path: str, bodies: list, concurrency: int) -> tuple[float, list[float]]:
-    """POST every body once (GET for None), `concurrency` at a time; (seconds, per-request latencies).
-
-    Any non-200 aborts."""
+async def load(url: str, bodies: list, clients: int) -> tuple[float, list[float]]:
+    """POST every body to /v1/search once, `clients` at a time: (seconds, latencies). Any non-200 aborts."""
     import httpx
 
-    queue = list(enumerate(bodies))
+    queue = list(bodies)
     latencies: list[float] = []
+    dropped: list[int] = []
 
     async def worker(client):
         while queue:
-            _, body = queue.pop()
+            body = queue.pop()
             start = time.perf_counter()
-            response = await (client.get(path) if body is None else client.post(path, json=body))
+            try:
+                response = await client.post("/v1/search", json=body)
+            except httpx.TransportError:  # a connection dropped under load: counted, sent again
+                dropped.append(1)
+                response = await client.post("/v1/search", json=body)
             latencies.append(time.perf_counter() - start)
             if response.status_code != 200:
-                raise RuntimeError(f"{path}: {response.status_code} {response.text[:200]}")
+                raise RuntimeError(f"/v1/search: {response.status_code} {response.text[:200]}")
 
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as client:
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as c:
         start = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        await asyncio.gather(*(worker(c) for _ in range(clients)))
+        if dropped:
+            print(f"{len(dropped)} dropped connections, sent again", flush=True)
         return time.perf_counter() - start, latencies
 
 
-def serve_floor(url: str, requests: int, repeats: int) -> list[list[float]]:
-    """Latencies of GET on a one-route FastAPI app on the running Serve instance: Ray Serve's floor."""
-    from fastapi import FastAPI
-    from ray import serve
+def measure(url: str, vectors: np.ndarray, requests: int, clients: int) -> dict:
+    bodies = [{"vectors": [vectors[i % len(vectors)].tolist()], "k": 10} for i in range(requests)]
+    asyncio.run(load(url, bodies[:50], 4))  # warm-up: connections, caches, the index copy
+    _, latencies = asyncio.run(load(url, bodies, 1))
+    seconds, _ = asyncio.run(load(url, bodies * 2, clients))
+    return {
+        "p50": float(np.percentile(latencies, 50) * 1e3),
+        "p99": float(np.percentile(latencies, 99) * 1e3),
+        "rps": 2 * requests / seconds,
+    }
 
+
+# -- the servers (each its own process) -------------------------------------------------
+
+
+def bare_server(index_uri: str, port: int) -> None:
+    """FastAPI + uvicorn, the index searched in the request handler: what users write instead."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from serve.search import hits
+    from system.index import open_index
+
+    index = open_index(index_uri)
     api = FastAPI()
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0})
-    @serve.ingress(api)
-    class Floor:
-        @api.get("/")
-        async def ok(self) -> dict:
-            return {"status": "ok"}
+    @api.post("/v1/search")
+    async def search(request: Request) -> dict:
+        body = await request.json()
+        vectors = np.asarray(body["vectors"], np.float32)
+        return {"results": hits(index, *index.search(vectors, int(body.get("k", 10))))}
 
-    serve.run(Floor.bind(), name="bench-floor", route_prefix="/bench-floor")
-    pings = [None] * requests
-    asyncio.run(load(url, "/bench-floor/", pings[:50], 1))
-    runs = [asyncio.run(load(url, "/bench-floor/", pings, 1))[1] for _ in range(repeats)]
-    serve.delete("bench-floor")
-    return runs
+    print(f"URL http://127.0.0.1:{port}", flush=True)
+    # Keep-alive as long as Serve's proxy keeps it (90 s): idle connections stay open for the client.
+    uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=90)
 
 
-def append_rows(rows: list[tuple]) -> None:
-    with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-        for setup, ours, base, ratio in rows:
-            f.write(
-                f"| {date.today()} | bench_serve.py | {setup} | {ours} | {base} | {ratio} | {machine()} |\n"
-            )
+def serve_server(work: str, port: int, ingress_search: str) -> None:
+    import ray
+
+    from serve.control import start_app, stop_app
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    args = {"model": f"{work}/model", "index": f"{work}/index", "ingress_search": ingress_search}
+    url = start_app({**args, "max_queued_requests": -1}, port=port, timeout_s=900)  # a loaded machine
+    print(f"URL {url}", flush=True)
+    stopped = []
+    signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
+    while not stopped:
+        time.sleep(0.2)
+    stop_app()
+    ray.shutdown()
+
+
+def start_server(argv: list[str], env: dict) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, __file__, *argv], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
+    )
+    deadline = time.monotonic() + 900
+    for line in proc.stdout:
+        if line.startswith("URL "):
+            return proc, line.split()[1]
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise SystemExit(f"server {argv} did not start")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def build(work: Path, model_name: str) -> np.ndarray:
+    """Digits, a random-init timm model, its embeddings and a Flat index; returns the vectors."""
+    import pyarrow.parquet as pq
+
+    from system import storage
+    from system.data.dataset import digits_dataset
+    from system.data.transforms import preprocessing_config
+    from system.embed.batch import embed_images, embeddings_metadata, embeddings_table
+    from system.index import build_index
+    from system.models.artifact import Embedder, create_backbone, save_model
+
+    table = pq.read_table(storage.parquet_files(digits_dataset(str(work / "digits"))[1]))
+    backbone = create_backbone(model_name, {})
+    meta = {"timm_name": model_name, "timm_kwargs": {}, "preprocessing": preprocessing_config(backbone, 32)}
+    model = Embedder(backbone).eval()
+    meta = save_model(str(work / "model"), model, meta)
+    vectors = embed_images(model, meta["preprocessing"], table.column("image").to_pylist())
+    passthrough = {"label": table.column("label")}
+    emb = embeddings_table(table.column("id").to_pylist(), vectors, passthrough, embeddings_metadata(meta))
+    (work / "emb").mkdir()
+    pq.write_table(emb, work / "emb" / "p.parquet")
+    build_index(str(work / "emb"), str(work / "index"), factory="Flat", progress=False)
+    return vectors
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--requests", type=int, default=400, help="sequential requests per setup")
+    parser.add_argument("--clients", type=int, default=32, help="requests in flight for req/s")
     parser.add_argument("--model", default="test_resnet")
-    parser.add_argument("--image-size", type=int, default=32, help="model input size (images are resized)")
-    parser.add_argument("--requests", type=int, default=600, help="embed requests per measurement")
-    parser.add_argument("--search-requests", type=int, default=500)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--images-per-request", type=int, default=1)
-    parser.add_argument("--replica-cpus", type=float, default=1.0, help="embedder replica's threads")
-    parser.add_argument("--jpeg-size", type=int, default=0, help="photo-like JPEGs, not digits")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--throughput-optimized",
-        action="store_true",
-        help="Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress: no proxy hop; gRPC)",
-    )
+    parser.add_argument("--port", type=int, default=8124)
     args = parser.parse_args()
-    if args.throughput_optimized:  # read when Ray Serve is imported, here and in the cluster's processes
-        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
-
-    import pyarrow.parquet as pq
-    import ray
-    import torch
-
-    from serve.app import start_app, stop_app
-    from system import storage
-    from system.data.dataset import digits_dataset
-    from system.data.transforms import eval_transform, images_to_tensor, preprocessing_config
-    from system.embed.batch import embed_images, embeddings_metadata, embeddings_table
-    from system.index import build_index, open_index
-    from system.models.artifact import Embedder, create_backbone, load_artifact, save_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    table = pq.read_table(storage.parquet_files(digits_dataset(str(work / "digits"))[0]))
-    ids, images = table.column("id").to_pylist(), table.column("image").to_pylist()
-    if args.jpeg_size:
-        images = photo_like_jpegs(len(ids), args.jpeg_size)
-    backbone = create_backbone(args.model, {})
-    meta = {
-        "timm_name": args.model,
-        "timm_kwargs": {},
-        "preprocessing": preprocessing_config(backbone, args.image_size),
-    }
-    meta = save_model(str(work / "model"), Embedder(backbone).eval(), meta)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _ = load_artifact(str(work / "model"), device)  # as a replica loads it
-    pre = meta["preprocessing"]
-    chunks = [images[i : i + 256] for i in range(0, len(images), 256)]
-    vectors = np.concatenate([embed_images(model, pre, chunk, device) for chunk in chunks])
-    (work / "emb").mkdir()
-    pq.write_table(embeddings_table(ids, vectors, {}, embeddings_metadata(meta)), work / "emb" / "p.parquet")
-    build_index(str(work / "emb"), str(work / "index"), progress=False)
+    vectors = build(work, args.model)
+    clean = {k: v for k, v in os.environ.items() if k not in SERVE_FLAGS}
+    # The bare process stays up; it is measured again right before each setup, so a row's ratio
+    # compares two measurements minutes apart at most (this machine's load moves).
+    bare_proc, bare_url = start_server(["--bare", str(work / "index"), str(args.port + 1)], clean)
+    try:
+        for name in args.setups:
+            flags, ingress_search = SETUPS[name]
+            proc, url = start_server(
+                ["--serve", str(work), str(args.port), ingress_search], {**clean, **flags}
+            )
+            try:
+                bare = measure(bare_url, vectors, args.requests, args.clients)
+                ours = measure(url, vectors, args.requests, args.clients)
+            finally:
+                stop_server(proc)
+            print(f"{name}: {json.dumps(ours)}; bare: {json.dumps(bare)}", flush=True)
+            record(name, flags, ingress_search, len(vectors), args, ours, bare)
+    finally:
+        stop_server(bare_proc)
 
-    # Baseline 1: decode + preprocess + forward in this process, batch by batch.
-    transform = eval_transform(meta["preprocessing"])
-    threads = os.cpu_count()
-    torch.set_num_threads(threads)
-    per_request = args.images_per_request
-    sample = [images[i % len(images)] for i in range(args.requests * per_request)]
 
-    def bare() -> float:
-        start = time.perf_counter()
-        with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
-            for i in range(0, len(sample), args.batch_size):
-                batch = images_to_tensor(sample[i : i + args.batch_size], transform, threads)
-                model.embed(torch.from_numpy(batch).to(device)).float().cpu()
-        return len(sample) / (time.perf_counter() - start)
-
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
-    encoded = [base64.b64encode(d).decode() for d in sample]
-    bodies = [{"images": encoded[i : i + per_request]} for i in range(0, len(encoded), per_request)]
-    app = {
-        "model": str(work / "model"),
-        "index": str(work / "index"),
-        "max_queued_requests": -1,
-        "max_images": max(64, per_request),
-        "replica_cpus": args.replica_cpus,
-    }
-    results = {}
-    for batch in (args.batch_size, 1):
-        url = start_app({**app, "max_batch_size": batch, "batch_wait_timeout_s": 0.005}, port=8123)
-        asyncio.run(load(url, "/v1/embed", bodies[:64], args.concurrency))  # warm-up
-        results[batch] = statistics.median(
-            len(sample) / asyncio.run(load(url, "/v1/embed", bodies, args.concurrency))[0]
-            for _ in range(args.repeats)
-        )
-        if batch == args.batch_size:
-            queries = [
-                {"vectors": [vectors[i % len(vectors)].tolist()], "k": 10}
-                for i in range(args.search_requests)
-            ]
-            asyncio.run(load(url, "/v1/search", queries[:50], 1))
-            served = [asyncio.run(load(url, "/v1/search", queries, 1))[1] for _ in range(args.repeats)]
-            # The same path without the retriever: proxy -> ingress replica -> reply.
-            pings = [None] * args.search_requests
-            health = [asyncio.run(load(url, "/v1/health", pings, 1))[1] for _ in range(args.repeats)]
-            floor = serve_floor(url, args.search_requests, args.repeats)
-        stop_app()
-    ray.shutdown()
-    bare_rate = statistics.median(bare() for _ in range(args.repeats))
-
-    index = open_index(str(work / "index"))
-    local = []
-    for _ in range(args.repeats):
-        for i in range(args.search_requests):
-            start = time.perf_counter()
-            index.search(vectors[i % len(vectors)][None], 10)
-            local.append(time.perf_counter() - start)
-    lat = [x for run in served for x in run]
-    p50, p99 = np.percentile(lat, 50) * 1e3, np.percentile(lat, 99) * 1e3
-    l50, l99 = np.percentile(local, 50) * 1e3, np.percentile(local, 99) * 1e3
-    h50 = np.percentile([x for run in health for x in run], 50) * 1e3
-    f50 = np.percentile([x for run in floor for x in run], 50) * 1e3
-
-    source = f" from {args.jpeg_size}px JPEG" if args.jpeg_size else ""
-    mode = ", RAY_SERVE_THROUGHPUT_OPTIMIZED=1" if args.throughput_optimized else ""
-    rows = [
-        (
-            f"/v1/embed {args.model} {args.image_size}px{source}, {per_request} img/req, "
-            f"{args.concurrency} in flight, batch {args.batch_size}, replica {args.replica_cpus:g} CPUs"
-            f"{', bf16' if device == 'cuda' else ''}{mode}",
-            f"{results[args.batch_size]:.0f} img/s",
-            f"{bare_rate:.0f} img/s in-process batch {args.batch_size}",
-            f"{results[args.batch_size] / bare_rate:.2f}",
-        ),
-        (
-            "/v1/embed dynamic batching gain",
-            f"{results[args.batch_size]:.0f} img/s (batch {args.batch_size})",
-            f"{results[1]:.0f} img/s (max_batch_size 1)",
-            f"{results[args.batch_size] / results[1]:.2f}",
-        ),
-        (
-            f"/v1/search by vector k=10, {len(ids)} items Flat, sequential{mode}",
-            f"p50 {p50:.2f} ms, p99 {p99:.2f} ms",
-            f"in-process p50 {l50:.3f} ms, p99 {l99:.3f} ms",
-            f"overhead p50 {p50 - l50:.2f} ms",
-        ),
-        (
-            f"/v1/search overhead split: GET /v1/health (proxy + ingress, no retriever), sequential{mode}",
-            f"health p50 {h50:.2f} ms",
-            f"search p50 {p50:.2f} ms",
-            f"ingress -> retriever hop + search p50 {p50 - h50:.2f} ms",
-        ),
-        (
-            f"Ray Serve's floor: GET on a one-route FastAPI app (proxy + replica), sequential{mode}",
-            f"floor p50 {f50:.2f} ms",
-            f"/v1/health p50 {h50:.2f} ms",
-            f"our ingress (auth, timeout, metrics) p50 {h50 - f50:.2f} ms",
-        ),
-    ]
-    for row in rows:
-        print(" | ".join(row))
-    append_rows(rows)
+def record(name: str, flags: dict, ingress_search: str, items: int, args, ours: dict, bare: dict) -> None:
+    setting = ", ".join(f"{k}=1" for k in flags) or "Ray defaults"
+    append_row(
+        "bench_serve.py",
+        f"/v1/search by vector k=10, {items} items Flat, setup `{name}` "
+        f"(ingress_search={ingress_search}, {setting}); 1 client x {args.requests} requests, "
+        f"then {args.clients} clients x {2 * args.requests}; bare measured just before",
+        f"p50 {ours['p50']:.2f} ms, p99 {ours['p99']:.2f} ms, {ours['rps']:.0f} req/s",
+        f"bare FastAPI+uvicorn+FAISS: p50 {bare['p50']:.2f} ms, p99 {bare['p99']:.2f} ms, "
+        f"{bare['rps']:.0f} req/s",
+        f"p50 x{ours['p50'] / bare['p50']:.2f}, throughput x{ours['rps'] / bare['rps']:.2f}",
+    )
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(ROOT))
+    if len(sys.argv) > 1 and sys.argv[1] == "--bare":
+        bare_server(sys.argv[2], int(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        serve_server(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    else:
+        main()

@@ -29,8 +29,12 @@ from system.ray_env import ensure_ray
 
 APP_NAME = "repforge"
 IMPORT_PATH = "serve.app:build_app"
-# Chosen by benchmarks/bench_serve.py (rows in benchmarks/RESULTS.md, advice in the README).
-RAY_SERVE_FLAGS: dict[str, str] = {}
+# Chosen by benchmarks/bench_serve.py (rows in benchmarks/RESULTS.md, docs/serving.md): on a
+# 2-core machine HAProxy in front of the ingress replicas (direct ingress, no Serve proxy hop)
+# took /v1/search from p50 24 ms, 55 req/s to 11 ms, 89 req/s; RAY_SERVE_THROUGHPUT_OPTIMIZED
+# on top of it changed nothing measurable, and alone did less. HAProxy binds the replicas'
+# HTTP ports on all interfaces (so HAProxy on other nodes reaches them); auth still applies.
+RAY_SERVE_FLAGS: dict[str, str] = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def serve_flags() -> None:
