@@ -14,6 +14,7 @@ from serve.auth import TokenError, token_sha256
 from serve.parsing import pydantic_message
 from serve.schemas import AppArgs
 from system import storage
+from system.compat import CompatError, serving_gate
 from system.index import MANIFEST_FILE
 from system.models.artifact import ModelError, read_meta
 
@@ -52,7 +53,7 @@ def resolve_args(args: AppArgs | dict) -> tuple[AppArgs, dict, str | None]:
     cfg = parse_args(args)
     update = {
         key: storage.normalize(getattr(cfg, key))
-        for key in ("model", "classifier", "classes")
+        for key in ("model", "classifier", "classes", "compat")
         if getattr(cfg, key)
     }
     if cfg.index:
@@ -70,7 +71,7 @@ def resolve_args(args: AppArgs | dict) -> tuple[AppArgs, dict, str | None]:
     elif cfg.classifier:
         raise ServeArgsError(f"classifier: {cfg.classifier} has no classification head")
     for uri in index_shards(cfg):
-        _check_index(uri, model_meta)
+        _check_index(uri, model_meta, cfg.compat)
     try:
         token_sha256(cfg.token_file)
     except TokenError as err:
@@ -78,7 +79,7 @@ def resolve_args(args: AppArgs | dict) -> tuple[AppArgs, dict, str | None]:
     return cfg, model_meta, classifier_uri
 
 
-def _check_index(uri: str, model_meta: dict) -> None:
+def _check_index(uri: str, model_meta: dict, compat: str | None = None) -> None:
     """Refuse an index built from another model's embeddings: image queries would be meaningless.
 
     Reads only the manifest: the replica is the one that loads the (possibly large) index.
@@ -86,8 +87,10 @@ def _check_index(uri: str, model_meta: dict) -> None:
     manifest = index_manifest(uri)
     # The same rule as system.index.api.check_fingerprint, applied before any replica starts.
     built_from, model = manifest.get("fingerprint"), model_meta.get("fingerprint")
-    if built_from and model and built_from != model:
-        raise ServeArgsError(f"index: built from model {built_from}, but model {model} is served")
+    try:  # another model's index: only with a passing compatibility report for exactly that pair
+        serving_gate(compat, built_from, model)
+    except CompatError as err:
+        raise ServeArgsError(f"index: {err}") from None
 
 
 def user_configs(cfg: AppArgs, classifier_uri: str | None) -> dict[str, dict]:
@@ -98,6 +101,8 @@ def user_configs(cfg: AppArgs, classifier_uri: str | None) -> dict[str, dict]:
     shards = index_shards(cfg)
     for i, uri in enumerate(shards):
         configs[retriever_name(i, len(shards))] = {"model": cfg.model, "index": uri}
+        if cfg.compat:
+            configs[retriever_name(i, len(shards))]["compat"] = cfg.compat
     return configs
 
 

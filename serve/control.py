@@ -82,6 +82,7 @@ def swap_versions(
     index: str | list[str] | None = None,
     classifier: str | None = None,
     timeout_s: float = 180.0,
+    compat: str | None = None,
 ) -> dict[str, dict]:
     """Switch the running app to another model and/or index, in place; returns the new user_configs.
 
@@ -92,7 +93,9 @@ def swap_versions(
         raise ServeArgsError("no app deployed by start_app in this process")
     old = parse_args(_deployed["current"])  # the versions of the last swap, not the first deploy
     changes = {
-        key: value for key, value in (("model", model), ("index", index), ("classifier", classifier)) if value
+        key: value
+        for key, value in (("model", model), ("index", index), ("classifier", classifier), ("compat", compat))
+        if value
     }
     cfg, _, classifier_uri = resolve_args(old.model_copy(update=changes))
     versions = user_configs(cfg, classifier_uri)

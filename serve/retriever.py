@@ -23,6 +23,7 @@ from ray import serve
 from serve.errors import UnknownItem, VersionMismatch
 from serve.search import has, hits, prefix_queries, run_search
 from system import storage
+from system.compat import CompatError, serving_gate
 
 log = logging.getLogger("ray.serve")
 CHANGE_LOG = 512  # changes kept for copies to catch up; a copy further behind takes a snapshot
@@ -56,6 +57,7 @@ class RetrieverDeployment:
 
     def __init__(self, persist: bool = True):
         self.current, self.previous, self.refused = None, None, None
+        self.gate = None  # system.compat Gate: another model's queries allowed on this index
         self.persist = persist
         self.changing = asyncio.Lock()
         self.images: dict[str, bytes] = {}  # live items' images when not persisted
@@ -68,16 +70,21 @@ class RetrieverDeployment:
         uri = config["index"]
         model = (await asyncio.to_thread(read_meta, config["model"])).get("fingerprint")
         if self.current is not None and self.current.uri == uri:  # a model-only swap: check the pair
-            if self.current.fingerprint and model and self.current.fingerprint != model:
-                built = self.current.fingerprint
-                self.refused = f"index {uri} was built from model {built}, but model {model} is served"
+            try:
+                self.gate = await asyncio.to_thread(
+                    serving_gate, config.get("compat"), self.current.fingerprint, model
+                )
+            except CompatError as err:
+                self.refused = f"index {uri} was {err}"
                 log.error("index does not match the new model: %s", self.refused)
             return
         index = await asyncio.to_thread(open_index, uri)
-        if index.fingerprint and model and index.fingerprint != model:
-            message = f"index {uri} was built from model {index.fingerprint}, but model {model} is served"
+        try:
+            gate = await asyncio.to_thread(serving_gate, config.get("compat"), index.fingerprint, model)
+        except CompatError as err:
+            message = f"index {uri} was {err}"
             if self.current is None:
-                raise VersionMismatch(message)
+                raise VersionMismatch(message) from None
             # Refused: keep serving the current version rather than fail the replica.
             log.error("refused index swap: %s", message)
             self.refused = message
@@ -86,6 +93,7 @@ class RetrieverDeployment:
         # a swap that keeps the model could never use it, so its memory is freed at once.
         keep = self.current is not None and index.fingerprint not in (None, self.current.fingerprint)
         self.previous, self.current, self.refused = self.current if keep else None, index, None
+        self.gate = gate
         self.epoch, self.version = uuid.uuid4().hex, 0  # copies of the old index start over
         self.log.clear()
 
@@ -97,10 +105,14 @@ class RetrieverDeployment:
             **current.info(),
             "uri": current.uri,
             "refused_swap": self.refused,
+            "compat": self.gate.info() if self.gate is not None else None,
             "filterable": filterable_columns(current),
         }
 
     def _index_for(self, fingerprint: str | None):
+        gate = self.gate
+        if gate is not None and fingerprint == gate.new and self.current.fingerprint == gate.old:
+            return self.current
         for index in (self.current, self.previous):
             if index is not None and (fingerprint is None or index.fingerprint in (None, fingerprint)):
                 return index
@@ -119,7 +131,9 @@ class RetrieverDeployment:
         The metric comes with the hits because it says which way shards' scores merge, and
         a swap may change it between two requests.
         """
-        index = self._index_for(fingerprint)
+        index, gate = self._index_for(fingerprint), self.gate
+        if gate is not None and fingerprint == gate.new and index.fingerprint == gate.old:
+            vectors = gate.queries(vectors)  # the new model's queries, in the old index's space
         found = run_search(index, prefix_queries(vectors, dim, index.manifest), k, filter)
         return {"hits": hits(index, *found), "metric": index.metric}
 
@@ -147,7 +161,8 @@ class RetrieverDeployment:
             return {"data": self.images.get(item_id)}
         if not meta.get("source_uri"):
             raise UnknownItem(f"item {item_id}: the index records no image source for it")
-        return {"uri": meta["source_uri"], "row": int(meta.get("source_row") or -1)}
+        row = meta.get("source_row")  # row 0 is a row: only a missing row means "the whole file"
+        return {"uri": meta["source_uri"], "row": -1 if row is None else int(row)}
 
     # -- the copies' feed -------------------------------------------------------------
 

@@ -38,6 +38,11 @@ class AppArgs(BaseModel):
     classes: str | None = Field(
         None, description="JSON file URI where live classes (prototypes) persist; omit to keep them in memory"
     )
+    compat: str | None = Field(
+        None,
+        description="compatibility report (repforge compat check) that lets the model search an index "
+        "built from another model, for exactly that pair (docs/upgrades.md)",
+    )
     token_file: str | None = Field(
         None,
         description="file holding the API bearer token (default: the REPFORGE_API_TOKEN environment "

@@ -6,7 +6,7 @@ import argparse
 
 # The flags below are AppArgs' URIs; its scalar settings (limits, batching, replicas)
 # become flags from the model itself, so a new field needs no CLI edit.
-SERVE_URI_ARGS = {"model", "index", "classifier", "classes", "token_file"}
+SERVE_URI_ARGS = {"model", "index", "classifier", "classes", "token_file", "compat"}
 
 
 def register(commands) -> dict:
@@ -16,6 +16,7 @@ def register(commands) -> dict:
     srv.add_argument("--classifier", help="model artifact with a head (default: --model if it has one)")
     srv.add_argument("--classes", help="JSON file where live classes (POST /v1/classes) persist")
     srv.add_argument("--token-file", help="API token file (default: $REPFORGE_API_TOKEN; neither: no auth)")
+    srv.add_argument("--compat", help="passing `repforge compat check` report: serve another model's index")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on")
     add_app_limits(srv)
@@ -52,6 +53,7 @@ def run_serve(args) -> str:
 
     index = args.index[0] if args.index and len(args.index) == 1 else args.index
     serve_args = {"model": args.model, "index": index, "classifier": args.classifier, "classes": args.classes}
+    serve_args["compat"] = args.compat
     url = start_app(
         {**serve_args, "token_file": args.token_file, **app_settings(args)}, host=args.host, port=args.port
     )

@@ -105,6 +105,15 @@ def _labelled(name: str, data: Embedded) -> Embedded:
     return data
 
 
+def _check_labelled(name: str, uri: str) -> None:
+    from system.data.dataset import check_dataset
+
+    try:
+        check_dataset(uri, need_label=True)
+    except (ValueError, OSError) as err:
+        raise CompatError(f"{name}: {str(err).splitlines()[0]}") from None
+
+
 def default_report_uri(storage_root: str, old_fp: str, new_fp: str, adapter_fp: str | None) -> str:
     name = f"{old_fp}-{new_fp}" + (f"-{adapter_fp}" if adapter_fp else "")
     return storage.join(storage.normalize(storage_root), "compat", f"{name}.json")
@@ -137,6 +146,8 @@ def run_check(
                 f"not {expected['new']} into {expected['old']}"
             )
     datasets = {"gallery": storage.normalize(gallery_uri), "queries": storage.normalize(queries_uri)}
+    for name, uri in datasets.items():  # both checked before any embedding starts
+        _check_labelled(f"--{name}", uri)
     work = Path(tempfile.mkdtemp(prefix="repforge-compat-"))
     start = time.perf_counter()
     try:
