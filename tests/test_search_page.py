@@ -39,26 +39,21 @@ def page_app(ray_local, digits_data, tmp_path_factory):
 
     from serve.control import start_app, stop_app
     from system import storage
-    from system.embed.batch import embed_images, embeddings_metadata, embeddings_table
+    from system.embed.batch import embed_images, embeddings_metadata, embeddings_table, with_source
     from system.index import build_index
     from tests.conftest import free_port
 
     root = tmp_path_factory.mktemp("page")
     files = storage.parquet_files(digits_data[1])
-    table = pq.read_table(files[0])  # one file: the rows' positions are their row numbers
+    table = pq.read_table(files[0])
     ids, images = table.column("id").to_pylist()[:300], table.column("image").to_pylist()[:300]
     model, meta = tiny_model(root, 0, "model")
     with torch.inference_mode():
         vectors = embed_images(model, meta["preprocessing"], images)
-    passthrough = {
-        "label": table.column("label").to_pylist()[:300],
-        "source_uri": [storage.normalize(files[0])] * len(ids),
-        "source_row": list(range(len(ids))),
-    }
-    (root / "emb").mkdir()
-    pq.write_table(
-        embeddings_table(ids, vectors, passthrough, embeddings_metadata(meta)), root / "emb" / "p.parquet"
-    )
+    passthrough = {"label": table.column("label").to_pylist()[:300]}
+    embeddings = embeddings_table(ids, vectors, passthrough, embeddings_metadata(meta))
+    (root / "emb").mkdir()  # with where each row came from, as `repforge embed` writes it
+    pq.write_table(with_source(embeddings, files[0]), root / "emb" / "p.parquet")
     build_index(str(root / "emb"), str(root / "index"), progress=False)
     (root / "token").write_text(TOKEN)
     args = {"model": str(root / "model"), "index": str(root / "index"), "token_file": str(root / "token")}
