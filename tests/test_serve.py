@@ -266,6 +266,9 @@ def test_item_image(served):
     assert whole.status_code == 200, whole.text
     assert whole.content == served.images[row]  # no size: the dataset's own bytes
     assert whole.headers["cache-control"].startswith("private, max-age=") and whole.headers["etag"]
+    # The first row of a file is row 0, not "no row": its own bytes, not the whole Parquet file.
+    first = served.client.get(f"/v1/items/{served.ids[0]}/image")
+    assert first.status_code == 200 and first.content == served.images[0], first.text
     # Digits are 8x8: a larger size gives the original, a smaller one a resized PNG.
     assert served.client.get(f"/v1/items/{item}/image", params={"size": 64}).content == served.images[row]
     small = served.client.get(f"/v1/items/{item}/image", params={"size": 4})
