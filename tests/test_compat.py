@@ -329,3 +329,36 @@ def test_serving_refuses_the_pair_without_a_report_and_accepts_it_with_one(model
     saved = json.loads(storage.read_text(report))
     assert info["query_model"] == new_fp and info["new_old"] == saved["new_old"]
     assert top1 == pytest.approx(saved["new_old"], abs=0.01)  # the served answers are the report's
+
+
+@pytest.mark.slow
+def test_compatible_training_under_ray_train_passes_the_gate(models, digits_data, ray_local, tmp_path):
+    """`repforge pretrain` with objective.compatible_with on 2 DDP workers (prototypes summed
+    across workers), then the gate."""
+    from system.compat import run_check
+    from system.train import run_training
+
+    cfg = load_config(
+        None,
+        [
+            f"data.train={digits_data[0]}",
+            f"data.image_size={SIZE}",
+            "data.hflip=false",
+            "model.name=test_resnet",
+            "objective.name=supervised",
+            f"objective.compatible_with={models['old']}",
+            "train.workers=2",
+            "train.batch_size=32",
+            f"train.max_steps={STEPS}",
+            "train.lr=0.005",
+            "train.cpus_per_worker=0.5",
+            f"run.storage={tmp_path}",
+            "run.name=bct",
+            "seed=1",
+        ],
+    )
+    model = run_training(cfg, "pretrain")["model"]
+    _, report = run_check(
+        models["old"], model, *digits_data, k=5, out_uri=str(tmp_path / "r.json"), limit=600
+    )
+    assert report["compatible"] and report["new_old"] >= report["old_old"], report
