@@ -111,10 +111,8 @@ def retriever_name(shard: int, shards: int) -> str:
 
 
 def index_manifest(uri: str) -> dict:
-    fs, path = storage.filesystem(storage.join(uri, MANIFEST_FILE))
     try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
+        return json.loads(storage.read_bytes(storage.join(uri, MANIFEST_FILE)))
     except (OSError, ValueError):
         raise ServeArgsError(f"index: not an index (no readable {MANIFEST_FILE}): {uri}") from None
 

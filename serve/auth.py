@@ -28,10 +28,8 @@ class TokenError(ValueError):
 def token_sha256(token_file: str | None) -> str | None:
     """Digest of the configured token, or None when no token is configured (auth off)."""
     if token_file:
-        fs, path = storage.filesystem(storage.normalize(token_file))
         try:
-            with fs.open_input_stream(path) as f:
-                token = f.read().decode().strip()
+            token = storage.read_text(storage.normalize(token_file)).strip()
         except (OSError, UnicodeDecodeError) as err:
             raise TokenError(f"token_file: cannot read {token_file}: {err}") from None
         if not token:

@@ -38,9 +38,7 @@ def load_classes(uri: str | None) -> tuple[dict, list[str]]:
     """({fingerprint: {name: {"sum", "count"}}}, ids of the latest changes) from `uri` (empty when absent)."""
     if not uri or not storage.exists(uri):
         return {}, []
-    fs, path = storage.filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        raw = json.loads(f.read())
+    raw = json.loads(storage.read_bytes(uri))
     classes = {
         fp: {
             name: {"sum": np.asarray(c["sum"], np.float32), "count": int(c["count"])}
@@ -60,15 +58,6 @@ def classes_json(classes: dict, applied: list[str]) -> bytes:
         "applied": applied[-REMEMBERED_CHANGES:],
     }
     return json.dumps(raw).encode()
-
-
-def write_atomically(uri: str, data: bytes) -> None:
-    """Write to a temporary name and rename: a crash never leaves a half-written file."""
-    fs, path = storage.filesystem(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path + ".tmp") as f:
-        f.write(data)
-    fs.move(path + ".tmp", path)
 
 
 def nearest_prototypes(vectors: np.ndarray, classes: dict, k: int) -> list[list[dict]]:
@@ -149,4 +138,4 @@ class ClassesDeployment:
             async with self._writing:
                 # Serialised on the event loop (no add can interleave), written off it.
                 data = classes_json(self.classes, self.applied)
-                await asyncio.to_thread(write_atomically, self.uri, data)
+                await asyncio.to_thread(storage.write_bytes, self.uri, data)

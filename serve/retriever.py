@@ -35,14 +35,6 @@ def item_image_uri(index_uri: str, item_id: str) -> str:
     return storage.join(index_uri + ".items", hashlib.sha256(item_id.encode()).hexdigest()[:32] + ".img")
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    fs, path = storage.filesystem(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path + ".tmp") as f:
-        f.write(data)
-    fs.move(path + ".tmp", path)
-
-
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=2, ray_actor_options={"num_cpus": 0})
 class RetrieverDeployment:
     """One index from user_config {"model", "index"}.
@@ -219,7 +211,7 @@ class RetrieverDeployment:
         for item_id, data in zip(ids, images, strict=True):
             if self.persist and self.current.uri:
                 uri = item_image_uri(self.current.uri, item_id)
-                await asyncio.to_thread(write_bytes, uri, data)
+                await asyncio.to_thread(storage.write_bytes, uri, data)
             else:
                 uri = MEMORY
                 self.images[item_id] = data

@@ -57,11 +57,13 @@ def exists(uri: str) -> bool:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """A small file (a record, a CSV, a PNG) written in one piece, on any filesystem."""
+    """A small file (a record, a CSV, a PNG) written in one piece, on any filesystem: to a
+    temporary name, then renamed, so a crash never leaves a half-written file."""
     fs, path = filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as out:
+    with fs.open_output_stream(path + ".tmp") as out:
         out.write(data)
+    fs.move(path + ".tmp", path)
 
 
 def write_text(uri: str, text: str) -> None:
