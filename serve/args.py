@@ -85,7 +85,7 @@ def _check_index(uri: str, model_meta: dict, compat: str | None = None) -> None:
     Reads only the manifest: the replica is the one that loads the (possibly large) index.
     """
     manifest = index_manifest(uri)
-    # The same rule as system.index.api.check_fingerprint, applied before any replica starts.
+    # system.models.artifact.same_model, through the gate, before any replica starts.
     built_from, model = manifest.get("fingerprint"), model_meta.get("fingerprint")
     try:  # another model's index: only with a passing compatibility report for exactly that pair
         serving_gate(compat, built_from, model)

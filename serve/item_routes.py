@@ -10,7 +10,6 @@ so each file stays readable.
 # No `from __future__ import annotations` (see serve.ingress).
 
 import asyncio
-import zlib
 
 from fastapi import Path, Query, Request
 from fastapi.responses import Response
@@ -22,6 +21,7 @@ from serve.parsing import ApiError, read_query
 from serve.schemas import DeleteItemsRequest, ItemsRequest, ItemsResponse, image_body_openapi
 from serve.search import SOURCE_COLUMNS
 from system.index import IndexInputError
+from system.index.recipes import shard_of
 
 
 class ItemRoutes:
@@ -48,11 +48,12 @@ class ItemRoutes:
         out = await self.embed_images(query.images, deadline)
         owners = await self.owners(ids, deadline)
         # A new id goes to a shard chosen by a stable hash of it; an existing one stays where it is.
-        shard_of = [owners.get(i, zlib.crc32(i.encode()) % len(self.retrievers)) for i in ids]
+        hashed = shard_of(ids, len(self.retrievers))  # the build's rule (system.index.recipes)
+        shards = [owners.get(i, int(h)) for i, h in zip(ids, hashed)]
         done = []
         try:
-            for shard in sorted(set(shard_of)):
-                picks = [n for n, s in enumerate(shard_of) if s == shard]
+            for shard in sorted(set(shards)):
+                picks = [n for n, s in enumerate(shards) if s == shard]
                 meta = [query.metadata[n] for n in picks] if query.metadata else None
                 args = ([ids[n] for n in picks], out["vectors"][picks], meta, out["model"])
                 images = [query.images[n] for n in picks]

@@ -24,6 +24,7 @@ from serve.errors import UnknownItem, VersionMismatch
 from serve.search import has, hits, prefix_queries, run_search
 from system import storage
 from system.compat import CompatError, serving_gate
+from system.models.artifact import same_model
 
 log = logging.getLogger("ray.serve")
 CHANGE_LOG = 512  # changes kept for copies to catch up; a copy further behind takes a snapshot
@@ -106,7 +107,7 @@ class RetrieverDeployment:
         if gate is not None and fingerprint == gate.new and self.current.fingerprint == gate.old:
             return self.current
         for index in (self.current, self.previous):
-            if index is not None and (fingerprint is None or index.fingerprint in (None, fingerprint)):
+            if index is not None and same_model(fingerprint, index.fingerprint):
                 return index
         raise VersionMismatch(f"no index for model {fingerprint} (serving {self.current.fingerprint})")
 
@@ -220,7 +221,7 @@ class RetrieverDeployment:
 
     async def _upsert(self, ids, vectors, metadata, fingerprint) -> dict:
         index = self.current
-        if index.fingerprint and index.fingerprint != fingerprint:
+        if not same_model(index.fingerprint, fingerprint):
             raise VersionMismatch(f"items embedded by {fingerprint}, index built from {index.fingerprint}")
         replaced = [i for i in ids if has(index, i)]
         if replaced:

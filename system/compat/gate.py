@@ -21,6 +21,7 @@ import numpy as np
 from system import storage
 from system.compat.check import PAIRS
 from system.compat.fit import Adapter, CompatError, load_adapter
+from system.models.artifact import same_model
 
 HOW = (
     "repforge compat check --old MODEL_{old} --new MODEL_{new} [--adapter DIR] --gallery DATA --queries DATA "
@@ -74,7 +75,7 @@ def read_report(uri: str) -> dict:
 
 def serving_gate(report_uri: str | None, index_fingerprint: str | None, model_fingerprint: str | None):
     """None when no gate is needed, a Gate when the report allows the pair; else CompatError."""
-    if not index_fingerprint or not model_fingerprint or index_fingerprint == model_fingerprint:
+    if same_model(index_fingerprint, model_fingerprint):
         return None
     refused = f"built from model {index_fingerprint}, but model {model_fingerprint} is served"
     how = HOW.format(old=index_fingerprint, new=model_fingerprint)

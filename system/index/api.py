@@ -56,6 +56,7 @@ from system.index.recipes import (
     unique_ids,
 )
 from system.index.tune import pick_point, set_search_params
+from system.models.artifact import same_model
 
 __all__ = [
     "IndexInputError",
@@ -83,7 +84,7 @@ def open_index(uri: str, target_recall: float | None = None) -> VectorIndex:
 
 def check_fingerprint(index: VectorIndex, fingerprint: str | None) -> None:
     """Refuse vectors from another model: their scores against the stored vectors mean nothing."""
-    if fingerprint and index.fingerprint and fingerprint != index.fingerprint:
+    if not same_model(fingerprint, index.fingerprint):
         raise IndexInputError(
             f"vectors come from model {fingerprint} but the index was built from model {index.fingerprint}"
         )

@@ -71,6 +71,13 @@ def fingerprint_file(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def same_model(a: str | None, b: str | None) -> bool:
+    """Whether vectors from models with fingerprints `a` and `b` may meet (search, add, serve):
+    the same model, or either unknown (artifacts and indexes written without a fingerprint
+    are not refused). The one rule every stage applies."""
+    return not a or not b or a == b
+
+
 def write_artifact(folder: Path, model: Embedder, meta: dict) -> dict:
     """Write weights + model.json into an existing local folder; returns the full meta."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
