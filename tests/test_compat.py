@@ -331,7 +331,7 @@ def test_serving_refuses_the_pair_without_a_report_and_accepts_it_with_one(model
     assert top1 == pytest.approx(saved["new_old"], abs=0.01)  # the served answers are the report's
 
 
-@pytest.mark.slow
+@pytest.mark.long  # Ray Train, 2 DDP workers: about 3 minutes on 2 cores (make test-long)
 def test_compatible_training_under_ray_train_passes_the_gate(models, digits_data, ray_local, tmp_path):
     """`repforge pretrain` with objective.compatible_with on 2 DDP workers (prototypes summed
     across workers), then the gate."""

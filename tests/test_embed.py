@@ -71,8 +71,8 @@ def test_embed_resumes_after_crash(ray_local, digits_data, tmp_path, monkeypatch
 
     write_shard = embed._write_shard
 
-    def crash_after_first(partial, number, parts, metadata):
-        write_shard(partial, number, parts, metadata)
+    def crash_after_first(*args):
+        write_shard(*args)
         raise KeyboardInterrupt("simulated crash")
 
     monkeypatch.setattr(embed, "_write_shard", crash_after_first)

@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow  # a Ray instance and a Serve app of its own: 1-5 minutes on 2 busy cores
+@pytest.mark.long  # a Ray instance and a Serve app of its own: 1-5 minutes on 2 busy cores (make test-long)
 def test_dry_run_runs_every_measurement_and_writes_no_rows(tmp_path):
     results = tmp_path / "RESULTS.md"
     done = subprocess.run(
