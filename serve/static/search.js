@@ -78,6 +78,16 @@ function filterValue() {
   }
 }
 
+// The filter box's value (null when empty), or undefined after saying why it is not valid.
+function filterOrSay() {
+  try {
+    return filterValue();
+  } catch (e) {
+    status(e.message, true);
+    return undefined;
+  }
+}
+
 function metaText(metadata) {
   return Object.entries(metadata || {}).map(([k, v]) => `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`)
     .join(", ");
@@ -136,13 +146,8 @@ async function runSearch(request, describe) {
 }
 
 async function searchById(id) {
-  let filter;
-  try {
-    filter = filterValue();
-  } catch (e) {
-    status(e.message, true);
-    return;
-  }
+  const filter = filterOrSay();
+  if (filter === undefined) return;
   const query = $("query-img");
   query.hidden = false;
   setThumb(query, id);
@@ -155,13 +160,8 @@ async function searchById(id) {
 }
 
 async function searchByFile(file) {
-  let filter;
-  try {
-    filter = filterValue();
-  } catch (e) {
-    status(e.message, true);
-    return;
-  }
+  const filter = filterOrSay();
+  if (filter === undefined) return;
   const query = $("query-img");
   query.hidden = false;
   query.src = URL.createObjectURL(file);
