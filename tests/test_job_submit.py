@@ -18,7 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # A throwaway head on loopback: no token auth (the submit below runs without a token).
 HEAD_ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "disabled"}
-pytestmark = pytest.mark.slow
+# A second Ray cluster and a real job: 1.5 min on 2 cores, so make test-long (the 20-minute budget).
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
 def free_port() -> int:

@@ -183,6 +183,7 @@ def _checkpoint_worker(rank, world, phase, folder, out):
         torch.save({"state": state, "losses": losses}, Path(out) / f"{phase}-{world}.pt")
 
 
+@pytest.mark.long  # 40 s on 2 cores: make test-long (the 20-minute budget of make test)
 def test_sharded_checkpoint_resumes_on_another_world_size(tmp_path):
     """Save at step 2 on 2 ranks (one shard file each), resume on 1 rank: same as uninterrupted."""
     spawn(_checkpoint_worker, WORLD, "full", str(tmp_path), str(tmp_path))

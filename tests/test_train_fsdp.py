@@ -93,6 +93,7 @@ def test_fsdp_run_survives_a_killed_worker(ray_local, digits_data, tmp_path, mon
     assert out[-1].endswith("fsdp/curves.png")
 
 
+@pytest.mark.long  # 40 s on 2 cores: make test-long (the 20-minute budget of make test)
 def test_time_budget_sets_the_run_length(ray_local, digits_data, tmp_path):
     """train.max_minutes: the workers time their first steps, agree on where the budget ends
     and stop there (far before max_steps), with the cosine schedule decayed to zero there."""
