@@ -12,6 +12,7 @@ since Ray Serve reads its settings (environment variables) when its processes st
     hop         search in the retriever deployment: ingress -> retriever hop (ingress_search=off)
     ingress     search inside the ingress replica, batched (ingress_search=on): no hop
     grpc        hop, with RAY_SERVE_USE_GRPC_BY_DEFAULT=1 (gRPC between deployments)
+    ongoing5    hop, the retriever at Ray's default max_ongoing_requests=5 (repforge sets 64)
     throughput  ingress, with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (user code + router on one loop, ...)
     haproxy     ingress, with RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy, direct ingress to replicas)
     all         ingress, HAProxy and throughput-optimized together
@@ -40,13 +41,18 @@ from common import append_row  # benchmarks/ (scripts run by path)
 from fastapi import Request  # at module level: FastAPI resolves the bare handler's annotation here
 
 ROOT = Path(__file__).resolve().parents[1]
+# setup -> (Ray Serve environment flags, app arguments)
 SETUPS = {
-    "hop": ({}, "off"),
-    "ingress": ({}, "on"),
-    "grpc": ({"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}, "off"),
-    "throughput": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, "on"),
-    "haproxy": ({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, "on"),
-    "all": ({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, "on"),
+    "hop": ({}, {"ingress_search": "off"}),
+    "ingress": ({}, {"ingress_search": "on"}),
+    "grpc": ({"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}, {"ingress_search": "off"}),
+    "ongoing5": ({}, {"ingress_search": "off", "max_ongoing_requests": 5}),
+    "throughput": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, {"ingress_search": "on"}),
+    "haproxy": ({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, {"ingress_search": "on"}),
+    "all": (
+        {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+        {"ingress_search": "on"},
+    ),
 }
 SERVE_FLAGS = ("RAY_SERVE_USE_GRPC_BY_DEFAULT", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY")
 
@@ -118,13 +124,13 @@ def bare_server(index_uri: str, port: int) -> None:
     uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=90)
 
 
-def serve_server(work: str, port: int, ingress_search: str) -> None:
+def serve_server(work: str, port: int, app_args: str) -> None:
     import ray
 
     from serve.control import start_app, stop_app
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
-    args = {"model": f"{work}/model", "index": f"{work}/index", "ingress_search": ingress_search}
+    args = {"model": f"{work}/model", "index": f"{work}/index", **json.loads(app_args)}
     url = start_app({**args, "max_queued_requests": -1}, port=port, timeout_s=900)  # a loaded machine
     print(f"URL {url}", flush=True)
     stopped = []
@@ -202,9 +208,9 @@ def main() -> None:
     bare_proc, bare_url = start_server(["--bare", str(work / "index"), str(args.port + 1)], clean)
     try:
         for name in args.setups:
-            flags, ingress_search = SETUPS[name]
+            flags, app_args = SETUPS[name]
             proc, url = start_server(
-                ["--serve", str(work), str(args.port), ingress_search], {**clean, **flags}
+                ["--serve", str(work), str(args.port), json.dumps(app_args)], {**clean, **flags}
             )
             try:
                 bare = measure(bare_url, vectors, args.requests, args.clients)
@@ -212,17 +218,17 @@ def main() -> None:
             finally:
                 stop_server(proc)
             print(f"{name}: {json.dumps(ours)}; bare: {json.dumps(bare)}", flush=True)
-            record(name, flags, ingress_search, len(vectors), args, ours, bare)
+            record(name, flags, app_args, len(vectors), args, ours, bare)
     finally:
         stop_server(bare_proc)
 
 
-def record(name: str, flags: dict, ingress_search: str, items: int, args, ours: dict, bare: dict) -> None:
-    setting = ", ".join(f"{k}=1" for k in flags) or "Ray defaults"
+def record(name: str, flags: dict, app_args: dict, items: int, args, ours: dict, bare: dict) -> None:
+    setting = ", ".join([*(f"{k}={v}" for k, v in app_args.items()), *(f"{k}=1" for k in flags)])
     append_row(
         "bench_serve.py",
         f"/v1/search by vector k=10, {items} items Flat, setup `{name}` "
-        f"(ingress_search={ingress_search}, {setting}); 1 client x {args.requests} requests, "
+        f"({setting}; Ray defaults otherwise); 1 client x {args.requests} requests, "
         f"then {args.clients} clients x {2 * args.requests}; bare measured just before",
         f"p50 {ours['p50']:.2f} ms, p99 {ours['p99']:.2f} ms, {ours['rps']:.0f} req/s",
         f"bare FastAPI+uvicorn+FAISS: p50 {bare['p50']:.2f} ms, p99 {bare['p99']:.2f} ms, "
