@@ -13,8 +13,11 @@ brute force; serving refuses the pair without a report and accepts it with one.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
+import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -94,9 +97,12 @@ def models(digits_data, tmp_path_factory) -> dict:
     return {**uris, "root": root}
 
 
-def run_cli(capsys, *argv) -> tuple[int, str]:
-    code = main(list(argv))
-    return code, capsys.readouterr().out.strip().splitlines()[-1]
+def run_cli(*argv) -> tuple[int, str]:
+    """`repforge ARGV` in this process: (exit code, the last line it printed)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(list(argv))
+    return code, out.getvalue().strip().splitlines()[-1]
 
 
 def test_maps_recover_a_known_map():
@@ -147,77 +153,63 @@ def test_objective_hides_the_old_model(models, digits_data):
         build_model(wide, "pretrain", 0)
 
 
-def test_gate_fails_without_compatibility_and_passes_with_it(models, digits_data, ray_local, capsys):
+@pytest.fixture(scope="module")
+def gate(models, digits_data, ray_local) -> dict:
+    """The gate as a user runs it: `compat check` of (old, new) and (old, bct); `compat fit` of
+    (old, new) and the check through that adapter. {name: (exit code, last line, report)}."""
     train_uri, test_uri = digits_data
     common = ["--gallery", train_uri, "--queries", test_uri, "--k", "5", "--limit", LIMIT]
-    reports = {}
+    root, runs = models["root"], {}
     for name in ("new", "bct"):
-        out = str(models["root"] / f"report-{name}.json")
+        out = str(root / f"report-{name}.json")
         code, last = run_cli(
-            capsys, "compat", "check", "--old", models["old"], "--new", models[name], *common, "--out", out
+            "compat", "check", "--old", models["old"], "--new", models[name], *common, "--out", out
         )
-        assert last == out
-        reports[name] = (code, json.loads(storage.read_text(out)))
-    code, report = reports["new"]
+        runs[name] = (code, last, json.loads(storage.read_text(out)))
+    adapter = str(root / "adapter")
+    argv = ["--old", models["old"], "--new", models["new"]]
+    runs["fit"] = (
+        *run_cli("compat", "fit", *argv, "--data", train_uri, "--out", adapter, "--limit", LIMIT),
+        None,
+    )
+    out = str(root / "report-adapter.json")
+    code, last = run_cli("compat", "check", *argv, *common, "--adapter", adapter, "--out", out)
+    runs["adapter"] = (code, last, json.loads(storage.read_text(out)))
+    return runs
+
+
+def test_gate_fails_without_compatibility_and_passes_with_it(models, gate):
+    code, last, report = gate["new"]
     print("no compat:", {k: report[k] for k in ("old_old", "new_old", "new_new")})
+    assert last == str(models["root"] / "report-new.json")
     assert code == 1 and not report["compatible"]
     assert report["old_old"] > 0.85 and report["new_new"] > 0.85
     assert report["new_old"] < 0.3  # near chance (0.1): another seed's space means nothing to the old index
-    code, report = reports["bct"]
+    code, last, report = gate["bct"]
     print("compatible_with:", {k: report[k] for k in ("old_old", "new_old", "new_new")})
+    assert last == str(models["root"] / "report-bct.json")
     assert code == 0 and report["compatible"] and report["new_old"] >= report["old_old"]
     assert report["new_new"] > 0.85
 
 
-def test_fitted_adapter_passes_the_gate(models, digits_data, ray_local, capsys):
+def test_fitted_adapter_passes_the_gate(models, digits_data, gate):
     train_uri, test_uri = digits_data
     adapter = str(models["root"] / "adapter")
-    code, last = run_cli(
-        capsys,
-        "compat",
-        "fit",
-        "--old",
-        models["old"],
-        "--new",
-        models["new"],
-        "--data",
-        train_uri,
-        "--out",
-        adapter,
-        "--limit",
-        LIMIT,
-    )
-    assert code == 0 and last == adapter
+    assert gate["fit"][:2] == (0, adapter)
     meta = load_adapter(adapter).meta
     assert meta["old"]["fingerprint"] == load_artifact(models["old"])[1]["fingerprint"]
     assert meta["new"]["fingerprint"] == load_artifact(models["new"])[1]["fingerprint"]
-    out = str(models["root"] / "report-adapter.json")
-    argv = ["--old", models["old"], "--new", models["new"], "--gallery", train_uri, "--queries", test_uri]
-    argv += ["--limit", LIMIT]
-    code, last = run_cli(capsys, "compat", "check", *argv, "--adapter", adapter, "--out", out)
-    report = json.loads(storage.read_text(out))
+    code, last, report = gate["adapter"]
     print("adapter:", meta["kind"], {k: report[k] for k in ("old_old", "new_old", "new_new")})
-    assert code == 0 and last == out and report["compatible"]
+    assert code == 0 and last == str(models["root"] / "report-adapter.json") and report["compatible"]
     assert report["adapter"]["fingerprint"] == meta["fingerprint"]
     # Bad input: exit 2, one line.
-    assert main(["compat", "check", *argv, "--adapter", str(models["root"] / "nothing")]) == 2
+    argv = ["--old", models["old"], "--new", models["new"], "--gallery", train_uri]
     assert (
-        main(
-            [
-                "compat",
-                "check",
-                "--old",
-                models["old"],
-                "--new",
-                models["new"],
-                "--gallery",
-                train_uri,
-                "--queries",
-                str(models["root"]),
-            ]
-        )
+        main(["compat", "check", *argv, "--queries", test_uri, "--adapter", str(models["root"] / "nothing")])
         == 2
     )
+    assert main(["compat", "check", *argv, "--queries", str(models["root"])]) == 2
 
 
 def brute_force(queries, query_labels, gallery, gallery_labels, k: int) -> tuple[float, float]:
@@ -235,7 +227,7 @@ def brute_force(queries, query_labels, gallery, gallery_labels, k: int) -> tuple
     return top1 / len(queries), float(np.mean(aps))
 
 
-def test_report_numbers_equal_brute_force(models, digits_data):
+def test_report_numbers_equal_brute_force(models, digits_data, gate):
     report = json.loads(storage.read_text(str(models["root"] / "report-adapter.json")))
     adapter = load_adapter(str(models["root"] / "adapter"))
     vectors, labels = {}, {}
@@ -259,7 +251,7 @@ def test_report_numbers_equal_brute_force(models, digits_data):
         assert report["map_at_k"][pair] == pytest.approx(mean_ap, abs=2e-3), pair
 
 
-def test_serving_gate(models):
+def test_serving_gate(models, gate):
     old_fp = load_artifact(models["old"])[1]["fingerprint"]
     new_fp = load_artifact(models["new"])[1]["fingerprint"]
     assert serving_gate(None, old_fp, old_fp) is None  # the same model: nothing to check
@@ -273,7 +265,9 @@ def test_serving_gate(models):
     assert gate.adapter is not None and gate.info()["new_old"] >= gate.info()["old_old"]
 
 
-def test_serving_refuses_the_pair_without_a_report_and_accepts_it_with_one(models, digits_data, tmp_path):
+def test_serving_refuses_the_pair_without_a_report_and_accepts_it_with_one(
+    models, digits_data, gate, tmp_path
+):
     """The app's argument check and the retriever (the plain class under the deployment)."""
     import asyncio
 
@@ -329,6 +323,63 @@ def test_serving_refuses_the_pair_without_a_report_and_accepts_it_with_one(model
     saved = json.loads(storage.read_text(report))
     assert info["query_model"] == new_fp and info["new_old"] == saved["new_old"]
     assert top1 == pytest.approx(saved["new_old"], abs=0.01)  # the served answers are the report's
+
+
+def test_upgrade_served_under_load(models, digits_data, gate, ray_local, tmp_path):
+    """The README's upgrade on a running app, two clients in a bounded request loop throughout:
+    old/old -> the new model through the adapter's report against the old index -> the gallery
+    re-embedded with the new model (`repforge embed`) and indexed -> new/new. No request fails;
+    each swap is seen by the fingerprints the answers carry."""
+    from serve.control import start_app, stop_app, swap_versions
+    from tests.conftest import free_port
+    from tests.load_loop import run_under_load
+
+    train_uri, test_uri = digits_data
+    fingerprint = {side: load_artifact(models[side])[1]["fingerprint"] for side in ("old", "new")}
+
+    def embed_and_index(side: str) -> str:
+        emb, index = str(tmp_path / f"emb-{side}"), str(tmp_path / f"index-{side}")
+        assert run_cli(
+            "embed", "--model", models[side], "--data", train_uri, "--out", emb, "--limit", LIMIT
+        ) == (
+            0,
+            emb,
+        )
+        assert run_cli("index", "build", "--embeddings", emb, "--out", index, "--factory", "Flat") == (
+            0,
+            index,
+        )
+        return index
+
+    queries = pq.read_table(storage.parquet_files(test_uri)).column("image").to_pylist()[:50]
+    old_index = embed_and_index("old")
+    url = start_app({"model": models["old"], "index": old_index, "replica_cpus": 0}, port=free_port())
+    try:
+        client = httpx.Client(base_url=url, timeout=60.0)
+        report = str(models["root"] / "report-adapter.json")
+        steps = {
+            "compat": lambda: swap_versions(model=models["new"], compat=report),
+            "new/new": lambda: swap_versions(index=embed_and_index("new")),  # re-indexed while serving
+        }
+        for step, action in steps.items():
+            results = run_under_load(url, {}, queries, action, seconds=240.0)
+            failed = [r for r in results if r[0] != 200]
+            print(f"{step} swap: {len(results)} requests, {len(failed)} failed")
+            assert not failed, failed[:5]
+            assert results[-1][1] == fingerprint["new"]
+            info = client.get("/v1/info").json()
+            if step == "compat":
+                assert {r[1] for r in results} == {fingerprint["old"], fingerprint["new"]}
+                assert info["index"]["compat"]["new_old"] == gate["adapter"][2]["new_old"], info
+            else:
+                assert info["index"].get("compat") is None, info
+        # new/new answers are the new model's: a gallery image finds itself.
+        gallery = pq.read_table(storage.parquet_files(train_uri))
+        image, item = gallery.column("image")[0].as_py(), gallery.column("id")[0].as_py()
+        hits = client.post("/v1/search", files=[("image", ("0.png", image, "image/png"))], params={"k": 1})
+        assert hits.json()["results"][0][0]["id"] == item
+    finally:
+        stop_app()
 
 
 @pytest.mark.long  # Ray Train, 2 DDP workers: about 3 minutes on 2 cores (make test-long)

@@ -12,7 +12,6 @@ its own two shards are there to swap to. Answers are checked against in-process 
 from __future__ import annotations
 
 import base64
-import threading
 import time
 from dataclasses import dataclass
 
@@ -33,12 +32,12 @@ from system.embed.batch import embed_images, embeddings_metadata, embeddings_tab
 from system.index import build_index, open_index
 from system.models.artifact import Embedder, create_backbone, save_model
 from tests.conftest import free_port
+from tests.load_loop import run_under_load
 
 CLASSES = [str(i) for i in range(10)]
 TOKEN = "s3cret-token"
 # Replicas start in seconds on an idle machine; a 2-core machine shared with other jobs took minutes.
 START_TIMEOUT_S = 600
-RETRY_S = 60  # how long the test's client retries an idempotent call that met a dead replica
 ATOL = 3e-2 if torch.cuda.is_available() else 1e-4
 LIMITS = {"max_batch_size": 4, "max_images": 8, "max_k": 50, "max_body_bytes": 1_000_000, "knn_k": 10}
 
@@ -407,60 +406,14 @@ def test_bad_input_on_live_routes(live, name):
 # -- hot swap and a killed replica, under a bounded request loop ---------------------------
 
 
-def request_loop(live, results: list, requests: int, seconds: float, stop: threading.Event) -> None:
-    """Alternate /v1/embed and /v1/search by image; record (status, model fingerprint, path, retries).
-
-    Both calls are idempotent, so a client may retry them: a 5xx or a dropped connection is
-    retried (with backoff, for up to RETRY_S, as a careful client does) and counted.
-    """
-    deadline = time.monotonic() + seconds
-    with httpx.Client(base_url=live.url, timeout=60.0, headers=dict(live.client.headers)) as client:
-        for n in range(requests):
-            if stop.is_set() or time.monotonic() > deadline:
-                return
-            image = live.images[n % 50]
-            path = "/v1/embed" if n % 2 else "/v1/search"
-            give_up, retry = time.monotonic() + RETRY_S, 0
-            while True:
-                try:
-                    response = client.post(path, **multipart([image]), params={} if n % 2 else {"k": 3})
-                    outcome = (response.status_code, response.json().get("model"), path, retry)
-                except (httpx.HTTPError, ValueError) as err:
-                    outcome = (type(err).__name__, None, path, retry)
-                if outcome[0] == 200 or (isinstance(outcome[0], int) and outcome[0] < 500):
-                    break
-                if time.monotonic() > give_up:
-                    break
-                retry += 1
-                time.sleep(min(0.1 * 2**retry, 2.0))
-            results.append(outcome)
-
-
-def run_under_load(live, action, requests: int = 400, seconds: float = 90.0) -> list:
-    results, stop = [], threading.Event()
-    threads = [
-        threading.Thread(target=request_loop, args=(live, results, requests, seconds, stop)) for _ in range(2)
-    ]
-    for t in threads:
-        t.start()
-    try:
-        while len(results) < 10:
-            time.sleep(0.05)
-        action()
-        settled = len(results)
-        while len(results) < settled + 20 and any(t.is_alive() for t in threads):
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
-    return results
+def under_load(live, action) -> list:
+    return run_under_load(live.url, dict(live.client.headers), live.images[:50], action)
 
 
 def test_hot_swap_under_load_and_a_refused_swap(live):
     a, b = live.metas["A"]["fingerprint"], live.metas["B"]["fingerprint"]
     swapped_at = []
-    results = run_under_load(
+    results = under_load(
         live,
         lambda: (
             swap_versions(model=str(live.root / "modelB"), index=live.shards["B"]),
@@ -504,7 +457,7 @@ def test_killed_replica_under_load(live, deployment):
     actors = replica_actors(deployment)
     assert len(actors) == (1 if deployment.startswith("Retriever") else 2)
     victim = actors[0]
-    results = run_under_load(live, lambda: ray.kill(victim, no_restart=True))
+    results = under_load(live, lambda: ray.kill(victim, no_restart=True))
     with pytest.raises(ray.exceptions.RayActorError):  # the kill happened
         ray.get(victim.__ray_ready__.remote(), timeout=30)
     failed = [r for r in results if r[0] != 200]
