@@ -261,8 +261,8 @@ def test_serving_gate(models, gate):
         serving_gate(str(models["root"] / "report-new.json"), old_fp, new_fp)
     with pytest.raises(CompatError, match="is for index model"):
         serving_gate(str(models["root"] / "report-adapter.json"), new_fp, old_fp)
-    gate = serving_gate(str(models["root"] / "report-adapter.json"), old_fp, new_fp)
-    assert gate.adapter is not None and gate.info()["new_old"] >= gate.info()["old_old"]
+    allowed = serving_gate(str(models["root"] / "report-adapter.json"), old_fp, new_fp)
+    assert allowed.adapter is not None and allowed.info()["new_old"] >= allowed.info()["old_old"]
 
 
 def test_serving_refuses_the_pair_without_a_report_and_accepts_it_with_one(
@@ -339,23 +339,19 @@ def test_upgrade_served_under_load(models, digits_data, gate, ray_local, tmp_pat
 
     def embed_and_index(side: str) -> str:
         emb, index = str(tmp_path / f"emb-{side}"), str(tmp_path / f"index-{side}")
-        assert run_cli(
+        embedded = run_cli(
             "embed", "--model", models[side], "--data", train_uri, "--out", emb, "--limit", LIMIT
-        ) == (
-            0,
-            emb,
         )
-        assert run_cli("index", "build", "--embeddings", emb, "--out", index, "--factory", "Flat") == (
-            0,
-            index,
-        )
+        assert embedded == (0, emb)
+        built = run_cli("index", "build", "--embeddings", emb, "--out", index, "--factory", "Flat")
+        assert built == (0, index)
         return index
 
     queries = pq.read_table(storage.parquet_files(test_uri)).column("image").to_pylist()[:50]
     old_index = embed_and_index("old")
     url = start_app({"model": models["old"], "index": old_index, "replica_cpus": 0}, port=free_port())
+    client = httpx.Client(base_url=url, timeout=60.0)
     try:
-        client = httpx.Client(base_url=url, timeout=60.0)
         report = str(models["root"] / "report-adapter.json")
         steps = {
             "compat": lambda: swap_versions(model=models["new"], compat=report),
@@ -379,6 +375,7 @@ def test_upgrade_served_under_load(models, digits_data, gate, ray_local, tmp_pat
         hits = client.post("/v1/search", files=[("image", ("0.png", image, "image/png"))], params={"k": 1})
         assert hits.json()["results"][0][0]["id"] == item
     finally:
+        client.close()
         stop_app()
 
 
