@@ -15,7 +15,12 @@ since Ray Serve reads its settings (environment variables) when its processes st
     ongoing5    hop, the retriever at Ray's default max_ongoing_requests=5 (repforge sets 64)
     throughput  ingress, with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (user code + router on one loop, ...)
     haproxy     ingress, with RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy, direct ingress to replicas)
-    all         ingress, HAProxy and throughput-optimized together
+    userloop    haproxy, with RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 (user code on the
+                replica's own event loop: no thread hop per request; one of throughput's settings)
+    quiet       haproxy, with Serve's per-request access log off (app arg access_log=false)
+    all         quiet, with throughput-optimized too
+    floor       not repforge: the bare handler inside one Serve replica behind HAProxy, i.e.
+                Ray Serve's own floor for this request (what repforge's routes add is above it)
 
 Measured by one asyncio httpx client in this process against each server in turn, on
 loopback, bounded request counts: p50/p99 of --requests sequential requests (1 client),
@@ -49,12 +54,23 @@ SETUPS = {
     "ongoing5": ({}, {"ingress_search": "off", "max_ongoing_requests": 5}),
     "throughput": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, {"ingress_search": "on"}),
     "haproxy": ({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, {"ingress_search": "on"}),
-    "all": (
-        {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "userloop": (
+        {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
         {"ingress_search": "on"},
     ),
+    "quiet": ({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, {"ingress_search": "on", "access_log": False}),
+    "all": (
+        {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+        {"ingress_search": "on", "access_log": False},
+    ),
+    "floor": ({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, {"floor": True}),
 }
-SERVE_FLAGS = ("RAY_SERVE_USE_GRPC_BY_DEFAULT", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY")
+SERVE_FLAGS = (
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED",
+    "RAY_SERVE_ENABLE_HA_PROXY",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD",
+)
 
 
 async def load(url: str, bodies: list, clients: int) -> tuple[float, list[float]]:
@@ -102,12 +118,18 @@ def measure(url: str, vectors: np.ndarray, requests: int, clients: int) -> dict:
 # -- the servers (each its own process) -------------------------------------------------
 
 
+def bare_answer(index, body: dict) -> dict:
+    from serve.search import hits
+
+    vectors = np.asarray(body["vectors"], np.float32)
+    return {"results": hits(index, *index.search(vectors, int(body.get("k", 10))))}
+
+
 def bare_server(index_uri: str, port: int) -> None:
     """FastAPI + uvicorn, the index searched in the request handler: what users write instead."""
     import uvicorn
     from fastapi import FastAPI
 
-    from serve.search import hits
     from system.index import open_index
 
     index = open_index(index_uri)
@@ -115,29 +137,63 @@ def bare_server(index_uri: str, port: int) -> None:
 
     @api.post("/v1/search")
     async def search(request: Request) -> dict:
-        body = await request.json()
-        vectors = np.asarray(body["vectors"], np.float32)
-        return {"results": hits(index, *index.search(vectors, int(body.get("k", 10))))}
+        return bare_answer(index, await request.json())
 
     print(f"URL http://127.0.0.1:{port}", flush=True)
     # Keep-alive as long as Serve's proxy keeps it (90 s): idle connections stay open for the client.
     uvicorn.run(api, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=90)
 
 
+def floor_app(index_uri: str):
+    """The bare handler inside one Ray Serve replica: what Serve itself costs per request."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    from system.index import open_index
+
+    api = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class Floor:
+        def __init__(self):
+            self.index = open_index(index_uri)
+
+        async def search(self, request: Request) -> dict:
+            return bare_answer(self.index, await request.json())
+
+        # The class travels to the replica by value, with only the globals its code names: the
+        # annotation (a string here) would not resolve there, so it is given as the class itself.
+        search.__annotations__ = {"request": Request, "return": dict}
+        api.post("/v1/search")(search)
+
+    return Floor.bind()
+
+
 def serve_server(work: str, port: int, app_args: str) -> None:
     import ray
+    from ray import serve
 
     from serve.control import start_app, stop_app
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     args = {"model": f"{work}/model", "index": f"{work}/index", **json.loads(app_args)}
-    url = start_app({**args, "max_queued_requests": -1}, port=port, timeout_s=900)  # a loaded machine
+    floor = args.pop("floor", False)
+    if floor:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(floor_app(args["index"]), name="floor", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+    else:
+        url = start_app({**args, "max_queued_requests": -1}, port=port, timeout_s=900)  # a loaded machine
     print(f"URL {url}", flush=True)
     stopped = []
     signal.signal(signal.SIGTERM, lambda *_: stopped.append(True))
     while not stopped:
         time.sleep(0.2)
-    stop_app()
+    if floor:
+        serve.shutdown()
+    else:
+        stop_app()
     ray.shutdown()
 
 
@@ -224,7 +280,7 @@ def main() -> None:
 
 
 def record(name: str, flags: dict, app_args: dict, items: int, args, ours: dict, bare: dict) -> None:
-    setting = ", ".join([*(f"{k}={v}" for k, v in app_args.items()), *(f"{k}=1" for k in flags)])
+    setting = ", ".join([*(f"{k}={v}" for k, v in app_args.items()), *(f"{k}={v}" for k, v in flags.items())])
     append_row(
         "bench_serve.py",
         f"/v1/search by vector k=10, {items} items Flat, setup `{name}` "

@@ -31,10 +31,17 @@ APP_NAME = "repforge"
 IMPORT_PATH = "serve.app:build_app"
 # Chosen by benchmarks/bench_serve.py (rows in benchmarks/RESULTS.md, docs/serving.md): on a
 # 2-core machine HAProxy in front of the ingress replicas (direct ingress, no Serve proxy hop)
-# took /v1/search from p50 24 ms, 55 req/s to 11 ms, 89 req/s; RAY_SERVE_THROUGHPUT_OPTIMIZED
-# on top of it changed nothing measurable, and alone did less. HAProxy binds the replicas'
-# HTTP ports on all interfaces (so HAProxy on other nodes reaches them); auth still applies.
-RAY_SERVE_FLAGS: dict[str, str] = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# took /v1/search from p50 14.0 ms, 125 req/s to 3.7 ms, 219 req/s; running the replicas' user
+# code on their own event loop (no thread hop per request, one of the settings
+# RAY_SERVE_THROUGHPUT_OPTIMIZED bundles) took it on to 3.0-3.1 ms (x1.38-1.47 a bare uvicorn
+# app; Serve's floor, the bare handler in a replica, was x1.21-1.27). HAProxy binds the
+# replicas' HTTP ports on all interfaces (so HAProxy on other nodes reaches them); auth still
+# applies. User code on the replica's loop: a long synchronous call (the embedder's forward
+# pass) holds that replica's requests, as it does with the thread too.
+RAY_SERVE_FLAGS: dict[str, str] = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+}
 
 
 def serve_flags() -> None:
@@ -125,6 +132,8 @@ def _deploy(deadline: float) -> None:
         "args": _deployed["args"],
         "deployments": [{"name": name, "user_config": uc} for name, uc in _deployed["versions"].items()],
     }
+    if _deployed["args"].get("access_log") is False:  # args hold non-default fields only
+        config["logging_config"] = {"enable_access_log": False}
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [config]}))
     while time.monotonic() < deadline:
         status = serve.status().applications.get(APP_NAME)

@@ -79,6 +79,11 @@ class AppArgs(BaseModel):
     )
     replica_cpus: float = Field(1.0, ge=0, description="CPUs reserved per embedder replica")
     persist_items: bool = Field(True, description="save the index after each /v1/items change")
+    access_log: bool = Field(
+        True,
+        description="Ray Serve's per-request access log lines (off: no latency change measured, "
+        "bench_serve.py `quiet`; errors are logged either way)",
+    )
 
 
 # -- requests -------------------------------------------------------------------------
