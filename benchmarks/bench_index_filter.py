@@ -12,7 +12,8 @@ integer in [0, 1000): `bucket < 500` matches 50% of the rows, `< 100` 10%, `< 10
 For each engine and selectivity: queries/s (all queries in one call where the engine
 takes a batch, median of --repeats) at the cheapest setting reaching recall@10 >= 0.95:
 - repforge: `open_index(...).search(q, 10, filter=...)` (the planned strategy: exact over
-  the matches or a FAISS IDSelectorBitmap with tuned widened parameters);
+  the matches, a FAISS IDSelectorBitmap with tuned widened parameters, or the post-filter
+  at its tuned factor);
 - hnswlib (M=16, efConstruction=200) with its filter callback (a Python function per
   visited node), smallest ef reaching the target;
 - LanceDB (embedded) `.where(..., prefilter=True)`: flat (no vector index) and IVF_PQ

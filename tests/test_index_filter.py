@@ -130,8 +130,8 @@ def test_filtered_exact_equals_brute_force(digits, digits_uri, flat_index, shard
         assert [len(f) for f in found] == [min(K, int(mask.sum()))] * len(queries), spec
         assert found == want, spec
         np.testing.assert_allclose(scores[:, : want_scores.shape[1]], want_scores, rtol=1e-4, atol=1e-5)
-        # Both strategies give the exact answer on an exact index; JSON text is accepted too.
-        for strategy in ("exact", "ann"):
+        # Every strategy gives the exact answer on an exact index; JSON text is accepted too.
+        for strategy in ("exact", "ann", "post"):
             got = index.search_rows(queries.astype(np.float32), K, filter_mask(spec, index.idmap), strategy)[
                 0
             ]
@@ -257,6 +257,10 @@ def test_filtered_recall_on_cifar_embeddings(cifar_embeddings, tmp_path, factory
             ann = index.search_rows(q, K, mask, "ann")[0]
             ann_recall = np.mean([len(set(f) & w) / k_eff for f, w in zip(ann, want, strict=True)])
             assert ann_recall >= 0.85, (factory, spec, ann_recall, tuned)
+            if tuned.get(share, {}).get("post_factor"):  # the post-filter at its tuned factor, forced
+                post = index.search_rows(q, K, mask, "post")[0]
+                post_recall = np.mean([len(set(f) & w) / k_eff for f, w in zip(post, want, strict=True)])
+                assert post_recall >= 0.85, (factory, spec, post_recall, tuned)
     report = evaluate_index(str(tmp_path / "ix"), num_queries=100, filter={"bucket": {"lt": 100}})
     assert report["selectivity"] == pytest.approx(0.1, abs=0.02) and report["recall@10"] >= 0.9, report
 

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from system import storage
 from system.index.files import INDEX_FILE, MANIFEST_FILE, combine_shards, id_files, load_idmap, read_shards
-from system.index.filtered import ann_search, exact_search, filter_device, plan
+from system.index.filtered import ann_search, exact_search, filter_device, plan, post_search
 from system.index.filters import HIDDEN, parse_filter, terms_mask
 from system.index.recipes import (
     IndexInputError,
@@ -243,7 +243,7 @@ class VectorIndex:
         return self.search_rows(queries, k, terms_mask(terms, self.idmap))
 
     def search_rows(self, queries: np.ndarray, k: int, mask: np.ndarray, strategy: str | None = None):
-        """Search among the id map rows set in `mask`; `strategy` "exact"/"ann" overrides the plan."""
+        """Search among the id map rows set in `mask`; `strategy` "exact"/"ann"/"post" overrides the plan."""
         rows = np.flatnonzero(mask)
         k = min(k, len(rows))
         if k == 0 or len(queries) == 0:
@@ -255,9 +255,14 @@ class VectorIndex:
                 scores, found = exact_search(self.shards, queries, k, labels, self._shard[rows], self.metric)
             except RuntimeError:  # codes FAISS cannot decode (reconstruct): widest selector search
                 strategy, params = "ann", {**params, "nprobe": 1 << 20, "efSearch": 4096}
-        if (strategy or chosen) == "ann":
+        if (strategy or chosen) in ("ann", "post"):
             allowed = np.zeros(int(self._labels.max()) + 1, bool)
             allowed[labels] = True
+        if (strategy or chosen) == "post":
+            if not params["post_factor"]:  # not tuned: every row, so none is missed
+                params = {**params, "post_factor": len(self)}
+            scores, found = post_search(self.index, self.shards, queries, k, allowed, params, self.metric)
+        elif (strategy or chosen) == "ann":
             scores, found = ann_search(self.shards, queries, k, allowed, params, self.metric)
         at = np.minimum(np.searchsorted(self._labels, found), len(self._labels) - 1)
         return [self._ids[r[f >= 0]].tolist() for r, f in zip(at, found, strict=True)], scores
