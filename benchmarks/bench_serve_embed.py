@@ -118,7 +118,7 @@ def main() -> None:
     import ray
     import torch
 
-    from serve.control import start_app, stop_app
+    from serve.control import serve_flags, start_app, stop_app
     from system import storage
     from system.data.dataset import digits_dataset
     from system.data.transforms import eval_transform, images_to_tensor, preprocessing_config
@@ -162,6 +162,7 @@ def main() -> None:
                 model.embed(torch.from_numpy(batch).to(device)).float().cpu()
         return len(sample) / (time.perf_counter() - start)
 
+    serve_flags()  # the Ray Serve settings `repforge serve` starts its local Ray with
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     encoded = [base64.b64encode(d).decode() for d in sample]
     bodies = [{"images": encoded[i : i + per_request]} for i in range(0, len(encoded), per_request)]

@@ -67,8 +67,8 @@ def nlist_fastscan(count: int) -> int:
     """Lists for a fast-scan IVF: about sqrt(n), a quarter of nlist_for's.
 
     Scanning 4-bit codes in SIMD registers is cheap and each probed list has a fixed cost, so
-    fewer, longer lists win: on 20,000 CIFAR-10 embeddings (256-d) IVF256 reached recall@10
-    0.95 at 1.27x the queries/s of IVF512 in one run, and IVF128 faster still.
+    fewer, longer lists win: on 20,000 CIFAR-10 embeddings (256-d), in one exploration run,
+    IVF256 reached recall@10 0.95 at 1.27x the queries/s of IVF512, and IVF128 faster still.
     """
     nlist = 2 ** round(math.log2(max(16.0, math.sqrt(max(count, 1)))))
     return int(max(16, min(nlist, 2 ** int(math.log2(max(count // 39, 16))))))
@@ -79,11 +79,12 @@ def _pqfs(count: int, dim: int, dims_per_code: int, residual: str):
     return f"IVF{nlist_fastscan(count)},PQ{m}x4fs{residual},Refine(SQ8)", m / 2 + dim + 3 * ID_BYTES
 
 
-# Two fast-scan variants, each the winner on one kind of data (benchmarks/bench_index.py, 20,000
-# CIFAR-10 vectors): codes of the residual to the list's centroid, 2 dims per 4-bit code, for
-# 256-d embeddings (x1.74 hnswlib's queries/s against x1.34 without the residual); codes of
-# the vectors, 4 dims per code, for 1024-d pixels (x2.40, where the residual's lookup table
-# per probed list cost x0.40).
+# Two fast-scan variants, each the winner on one kind of data (benchmarks/bench_index.py rows,
+# 20,000 CIFAR-10 vectors): codes of the residual to the list's centroid, 2 dims per 4-bit
+# code, for 256-d embeddings; codes of the vectors, 4 dims per code, for 1024-d pixels. In
+# exploration runs on the same data the other layout did worse on each: x1.34 hnswlib's
+# queries/s instead of x1.74 on the embeddings, x0.40 instead of x2.40 on the pixels (there
+# the residual costs a lookup table per probed list).
 @candidate("ivf_pqfs_refine")
 def ivf_pqfs_refine(count: int, dim: int):
     return _pqfs(count, dim, 4, "")

@@ -51,9 +51,10 @@ def search_knobs(index: faiss.Index) -> dict[str, list[int]]:
     return knobs
 
 
-# FAISS's fast-scan IVF has several scan kernels (`implem`; 0 lets it pick). Kernel 11 gave
-# the same results with 13-15% more queries/s at batch size 1 on 20,000 CIFAR-10 vectors
-# (256-d and 1024-d) and -10% to +10% in batches of 500 (benchmarks/bench_index.py's data).
+# FAISS's fast-scan IVF has several scan kernels (`implem`; 0 lets it pick). Kernel 11 gives
+# the same results; at batch size 1 it took 20,000 CIFAR-10 vectors from 20,655 to 23,879
+# queries/s (256-d) and from 12,975 to 18,081 (1024-d) (benchmarks/bench_index.py rows of
+# 2026-12-06); in batches of 500 it measured -10% to +10% in exploration runs.
 FASTSCAN_IMPLEM = 11
 
 
