@@ -65,12 +65,8 @@ SETUPS = {
     ),
     "floor": ({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, {"floor": True}),
 }
-SERVE_FLAGS = (
-    "RAY_SERVE_USE_GRPC_BY_DEFAULT",
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED",
-    "RAY_SERVE_ENABLE_HA_PROXY",
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD",
-)
+# Every Ray Serve variable some setup sets: each server starts with none of them but its own.
+SERVE_FLAGS = {name for flags, _ in SETUPS.values() for name in flags}
 
 
 async def load(url: str, bodies: list, clients: int) -> tuple[float, list[float]]:

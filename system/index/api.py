@@ -250,19 +250,20 @@ class VectorIndex:
             return [[] for _ in queries], np.zeros((len(queries), k), np.float32)
         labels = self._labels[rows]
         chosen, params = plan(self.manifest, self.index, len(rows) / len(self), len(rows))
-        if (strategy or chosen) == "exact":
+        how = strategy or chosen
+        if how == "exact":
             try:
                 scores, found = exact_search(self.shards, queries, k, labels, self._shard[rows], self.metric)
             except RuntimeError:  # codes FAISS cannot decode (reconstruct): widest selector search
-                strategy, params = "ann", {**params, "nprobe": 1 << 20, "efSearch": 4096}
-        if (strategy or chosen) in ("ann", "post"):
+                how, params = "ann", {**params, "nprobe": 1 << 20, "efSearch": 4096}
+        if how in ("ann", "post"):
             allowed = np.zeros(int(self._labels.max()) + 1, bool)
             allowed[labels] = True
-        if (strategy or chosen) == "post":
+        if how == "post":
             if not params["post_factor"]:  # not tuned: every row, so none is missed
                 params = {**params, "post_factor": len(self)}
             scores, found = post_search(self.index, self.shards, queries, k, allowed, params, self.metric)
-        elif (strategy or chosen) == "ann":
+        elif how == "ann":
             scores, found = ann_search(self.shards, queries, k, allowed, params, self.metric)
         at = np.minimum(np.searchsorted(self._labels, found), len(self._labels) - 1)
         return [self._ids[r[f >= 0]].tolist() for r, f in zip(at, found, strict=True)], scores
